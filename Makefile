@@ -1,0 +1,54 @@
+# Reporting data platform — every entry point. `make demo` and `make test` are the two
+# commands a fresh machine needs (README).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# The venv's executables (dbt, dagster) are found without activating it.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+TARGET ?= local
+
+.PHONY: help venv up down status simulate clean demo test dbt-build ui bench lint
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing the pinned project into $(VENV) ..."
+	@set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' \
+		2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+	@$(PY) -m platform_assets.federation
+	@touch $@
+
+venv: $(STAMP) ## create .venv and install the pinned project
+
+up: $(STAMP) ## start primary + streaming replica under .local/, load demo data if empty
+	@$(PY) -m localenv up
+
+down: $(STAMP) ## stop both servers, keep the data
+	@$(PY) -m localenv down
+
+status: $(STAMP) ## both servers' state and the replica's replay lag
+	@$(PY) -m localenv status
+
+simulate: $(STAMP) ## apply one batch of realistic changes on the primary
+	@$(PY) -m localenv simulate
+
+clean: ## stop the servers and remove .local/
+	@if [ -x $(PY) ]; then $(PY) -m localenv clean; else rm -rf .local; fi
+
+dbt-build: up ## dbt build on TARGET=local (DuckDB, default) or TARGET=pg
+	@set -a && . .local/platform.env && set +a && cd dbt && dbt build --target $(TARGET) --profiles-dir .
+
+demo: up ## the main job on the embedded default (DuckDB)
+	@$(PY) -m localenv summary
+
+test: $(STAMP) ## the whole suite (starts its own primary + replica on free ports)
+	@$(PY) -m pytest -q
+
+lint: $(STAMP) ## ruff
+	@$(VENV)/bin/ruff check platform_assets deploy/local tests
