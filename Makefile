@@ -10,8 +10,12 @@ STAMP  := $(VENV)/.installed-stamp
 # The venv's executables (dbt, dagster) are found without activating it.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 TARGET ?= local
+LOCAL_DIR ?= $(CURDIR)/.local
+export LOCAL_DIR
+# The local Dagster instance lives under .local/dagster (dagster.yaml is copied there).
+DAGSTER_HOME_DIR := $(LOCAL_DIR)/dagster
 
-.PHONY: help venv up down status simulate clean demo test dbt-build ui bench lint
+.PHONY: help venv up down status simulate clean demo test dbt-build ui bench lint dagster-home
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -39,13 +43,20 @@ simulate: $(STAMP) ## apply one batch of realistic changes on the primary
 	@$(PY) -m localenv simulate
 
 clean: ## stop the servers and remove .local/
-	@if [ -x $(PY) ]; then $(PY) -m localenv clean; else rm -rf .local; fi
+	@if [ -x $(PY) ]; then $(PY) -m localenv clean; else rm -rf $(LOCAL_DIR); fi
 
 dbt-build: up ## dbt build on TARGET=local (DuckDB, default) or TARGET=pg
-	@set -a && . .local/platform.env && set +a && cd dbt && dbt build --target $(TARGET) --profiles-dir .
+	@set -a && . $(LOCAL_DIR)/platform.env && set +a && cd dbt && dbt build --target $(TARGET) --profiles-dir .
 
-demo: up ## the main job on the embedded default (DuckDB)
+dagster-home:
+	@mkdir -p $(DAGSTER_HOME_DIR) && cp dagster.yaml $(DAGSTER_HOME_DIR)/dagster.yaml
+
+demo: up dagster-home ## the main job on the embedded default (DuckDB): every asset once
 	@$(PY) -m localenv summary
+	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m localenv.demo
+
+ui: up dagster-home ## the Dagster UI (lineage, runs, backfills) on http://127.0.0.1:3000
+	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 test: $(STAMP) ## the whole suite (starts its own primary + replica on free ports)
 	@$(PY) -m pytest -q

@@ -245,8 +245,10 @@ class LocalCluster:
 
     # -- replication ----------------------------------------------------------------------
     def primary_lsn(self) -> str:
+        # The insert position: with synchronous_commit = off a commit returns before its WAL
+        # is written, so pg_current_wal_lsn() could still be behind what was just committed.
         with self.primary.connect() as conn:
-            return conn.execute("select pg_current_wal_lsn()::text").fetchone()[0]
+            return conn.execute("select pg_current_wal_insert_lsn()::text").fetchone()[0]
 
     def wait_for_replay(self, timeout: float = 120) -> float:
         """Wait until the replica has replayed the primary's current WAL position.

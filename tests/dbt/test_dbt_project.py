@@ -1,0 +1,109 @@
+"""The dbt project on both local engines (DuckDB, PostgreSQL) against a real primary +
+streaming replica: builds pass (data tests, unit tests, reconciliation), federation is
+read-only and idempotent, window runs touch only their window, and incremental = full
+refresh after two rounds of application changes."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import ENGINES, INCREMENTAL_MARTS, Scenario
+
+
+def test_builds_pass_with_every_kind_of_test(dbt_scenario: Scenario):
+    for step in ("build_1", "build_2", "build_3"):
+        for engine in ENGINES:
+            result = dbt_scenario.steps[step][engine]
+            statuses = result.statuses()
+            failed = {k: v for k, v in statuses.items() if v not in ("success", "pass")}
+            assert not failed, f"[{engine}] {step}: {failed}"
+            kinds = {uid.split(".")[0] for uid in statuses}
+            expected = {"model", "test", "unit_test", "operation"}
+            if step != "build_3":  # build_3 selects only the incremental facts
+                expected.add("snapshot")
+            assert expected <= kinds, kinds
+            assert "test.reporting.assert_fct_lesson_events_daily_counts_match_replica" in statuses
+            unit_tests = [u for u in statuses if u.startswith("unit_test.")]
+            # all five; build_3 has the four of the incremental facts
+            assert len(unit_tests) == (4 if step == "build_3" else 5), unit_tests
+
+
+def test_builds_never_change_the_operational_data(dbt_scenario: Scenario):
+    for step, (before, after) in dbt_scenario.checksums.items():
+        assert before == after, f"operational tables changed during {step}"
+
+
+def test_federation_is_idempotent_on_postgres(dbt_scenario: Scenario):
+    first = dbt_scenario.pg_objects["after_build_1"]
+    assert len(first["foreign_tables"]) == 12  # 11 replica tables + the catalog helper
+    assert first["server"] and first["user_mappings"]
+    # The second build re-created nothing: every federated object keeps its identity.
+    assert dbt_scenario.pg_objects["after_build_2"] == first
+    assert "federation (postgres): created server replica" in dbt_scenario.steps["build_1"]["pg"].output
+    for step in ("build_2", "window", "build_3", "full_refresh"):
+        assert "federation (postgres): up to date" in dbt_scenario.steps[step]["pg"].output, step
+
+
+def test_federation_on_duckdb_attaches_read_only_per_run(dbt_scenario: Scenario):
+    for step in dbt_scenario.steps:
+        assert "attached the replica read-only" in dbt_scenario.steps[step]["duckdb"].output
+    # Nothing of the federation persists in the warehouse file.
+    assert "replica" not in dbt_scenario.warehouses["duckdb"].attached_catalogs()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_window_run_replaces_exactly_the_window(dbt_scenario: Scenario, engine: str):
+    check = dbt_scenario.window_check[engine]
+    columns = check["after"]["columns"]
+    occurred, loaded_by = columns.index("occurred_at"), columns.index("loaded_by")
+    start, end = dbt_scenario.window["window_start"], dbt_scenario.window["window_end"]
+    before, after = check["before"]["rows"], check["after"]["rows"]
+
+    def inside(row) -> bool:
+        return start <= row[occurred].isoformat(" ") < end
+
+    # Outside the window: not one row added, removed or changed.
+    assert {k: r for k, r in before.items() if not inside(r)} == {
+        k: r for k, r in after.items() if not inside(r)
+    }
+    # Inside: exactly the replica's events of the window, all (re)loaded by this run,
+    # including the late events of the last round that no run had loaded yet.
+    in_window = {k: r for k, r in after.items() if inside(r)}
+    assert set(in_window) == check["replica_ids"]
+    assert {r[loaded_by] for r in in_window.values()} == {"window"}
+    assert set(in_window) - set(before), "the window should have picked up late events"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mart", sorted(INCREMENTAL_MARTS))
+def test_incremental_equals_full_refresh(dbt_scenario: Scenario, engine: str, mart: str):
+    incremental = dbt_scenario.incremental[engine][mart]
+    full = dbt_scenario.full_refresh[engine][mart]
+    assert len(incremental) > 0
+    assert len(incremental) == len(full)
+    mismatched = [(a, b) for a, b in zip(incremental, full, strict=True) if a != b]
+    assert not mismatched, f"{len(mismatched)} rows differ, e.g. {mismatched[:3]}"
+
+
+def test_simulated_changes_reached_the_marts(dbt_scenario: Scenario):
+    """Guard against a vacuous equality: the rounds really changed what was compared."""
+    assert all(r["lesson_events_inserted"] == 1500 for r in dbt_scenario.simulated)
+    assert sum(r["lesson_events_late"] for r in dbt_scenario.simulated) > 0
+    assert sum(r["enrollments_completed"] for r in dbt_scenario.simulated) > 0
+    for engine in ENGINES:
+        runs = dbt_scenario.steps
+        assert runs["build_2"][engine].statuses()["model.reporting.fct_lesson_events"] == "success"
+
+
+def test_docs_generate_on_local(dbt_scenario: Scenario, dbt_extras):
+    assert dbt_extras.docs_generate.ok, dbt_extras.docs_generate.describe()
+    catalog = (dbt_scenario.runners["duckdb"].work_dir / "target" / "catalog.json").read_text()
+    assert '"source.reporting.app.lesson_events"' in catalog
+    assert '"model.reporting.fct_lesson_events"' in catalog
+
+
+def test_report_timings(dbt_scenario: Scenario, dbt_extras, capsys):
+    """Not a check: prints where the module's time goes (pytest -s)."""
+    with capsys.disabled():
+        steps = ", ".join(f"{k} {v:.0f}s" for k, v in dbt_scenario.seconds.items())
+        print(f"\ndbt scenario: {steps}; extras {dbt_extras.seconds:.0f}s")
