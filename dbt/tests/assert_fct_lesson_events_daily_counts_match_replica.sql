@@ -7,7 +7,9 @@
 -- Severity warn: a backfill of some days can pick up late events received after other,
 -- not re-processed days were loaded; those days differ until their own next run. That is
 -- worth seeing (the failing days are listed), not a reason to block the marts.
-{{ config(severity='warn', tags=['reconciliation']) }}
+-- meta.dagster.ref: Dagster records it as a check of fct_lesson_events (it reads the fact
+-- and the source table, so dagster-dbt cannot infer which asset it belongs to).
+{{ config(severity='warn', tags=['reconciliation'], meta={'dagster': {'ref': {'name': 'fct_lesson_events'}}}) }}
 
 {%- set bounds = none %}
 {%- if execute %}

@@ -1,0 +1,183 @@
+"""`make demo`: materialize every asset of the platform once on the local instance, then
+print what was built. Runs are recorded in the local Dagster instance (DAGSTER_HOME), so
+`make ui` shows them afterwards.
+
+A second `make demo` does what the automation sensors would: observe the sources, evaluate
+the automation conditions (cursor kept in DAGSTER_HOME) and run only what they request.
+
+First run order: observe the federated sources; build every model that does not read the daily
+facts (staging views, dimensions, snapshots...); build the daily facts over the whole data
+range as one run (one dbt invocation); build what reads the facts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+
+PARTITION_RANGE_START = "dagster/asset_partition_range_start"
+PARTITION_RANGE_END = "dagster/asset_partition_range_end"
+# The runs' event logs are in the instance (make ui); the console gets warnings and errors.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+@contextmanager
+def _indirect_selection(mode: str):
+    """DBT_INDIRECT_SELECTION (read by dagster-dbt at each dbt invocation) for a block."""
+    previous = os.environ.get("DBT_INDIRECT_SELECTION")
+    os.environ["DBT_INDIRECT_SELECTION"] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("DBT_INDIRECT_SELECTION", None)
+        else:
+            os.environ["DBT_INDIRECT_SELECTION"] = previous
+
+
+class Runner:
+    """Executes runs of the platform's jobs in this process, recorded in the instance."""
+
+    def __init__(self, platform, instance: dg.DagsterInstance, progress=print):
+        self.platform, self.instance, self.progress = platform, instance, progress
+        self.defs = platform.defs
+        self.graph = self.defs.resolve_asset_graph()
+        self.global_job = self.defs.resolve_implicit_global_asset_job_def()
+        self.daily_keys = set(platform.dbt_daily_facts.keys)
+        self.source_keys = {t.key for t in platform.federated_tables}
+        self.all_keys = {k for k in self.graph.get_all_asset_keys() if self.graph.get(k).is_materializable}
+        self.materialized: set[dg.AssetKey] = set()
+
+    def run(self, label: str, job: dg.JobDefinition, tags: dict | None = None) -> None:
+        t0 = time.monotonic()
+        result = job.execute_in_process(
+            instance=self.instance, tags=tags or {}, raise_on_error=False, run_config=QUIET,
+        )
+        keys = {e.asset_key for e in result.get_asset_materialization_events()}
+        observed = len(result.get_asset_observation_events())
+        self.materialized.update(keys)
+        status = "ok" if result.success else "FAILED"
+        detail = f"{len(keys)} materialized" + (f", {observed} observed" if observed else "")
+        self.progress(f"  {label:<34} {status:<6} {detail:<22} {time.monotonic() - t0:6.1f}s  run {result.run_id[:8]}")
+        if not result.success:
+            raise SystemExit(f"demo stopped: run {result.run_id} ({label}) failed; see `make ui` for its logs")
+
+    def observe(self) -> None:
+        self.run("observe federated sources", self.defs.resolve_job_def("observe_federated_sources"))
+
+    def daily(self, label: str, first: str, last: str) -> None:
+        self.run(label, self.global_job.get_subset(asset_selection=self.daily_keys),
+                 tags={PARTITION_RANGE_START: first, PARTITION_RANGE_END: last})
+
+    def subset(self, label: str, keys: set[dg.AssetKey]) -> None:
+        self.run(label, self.global_job.get_subset(asset_selection=keys))
+
+    def never_materialized(self) -> set[dg.AssetKey]:
+        return {k for k in self.all_keys if self.instance.get_latest_materialization_event(k) is None}
+
+
+def run_all(platform, instance: dg.DagsterInstance, progress=print) -> dict:
+    """Materialize every asset once (platform: platform_assets.assembly.Platform)."""
+    started = time.monotonic()
+    r = Runner(platform, instance, progress)
+    # Everything not downstream of the daily facts goes first (the facts' relationship tests
+    # read the dimensions), then the facts, then what reads them.
+    after_daily = dg.AssetSelection.assets(*r.daily_keys).downstream().resolve(r.graph) - r.daily_keys
+    before_daily = r.all_keys - after_daily - r.daily_keys - r.source_keys
+    r.observe()
+    # Every partition from the first one (days without events are empty, and cost nothing:
+    # the whole range is one statement), so no partition is left missing.
+    partition_keys = platform.dbt_daily_facts.partitions_def.get_partition_keys()
+    start, last = partition_keys[0], partition_keys[-1]
+    # First build: a relationship test from a fact to a dimension has parents in two asset
+    # sets, and dbt's default (eager) indirect selection runs it as soon as one parent is
+    # selected. Building the dimensions first, only tests whose parents are all selected may
+    # run (cautious); the facts' tests then run with the facts, once the dimensions exist.
+    with _indirect_selection("cautious"):
+        r.subset("staging, dimensions, snapshots", before_daily)
+    r.daily(f"daily facts {start}..{last}", start, last)
+    r.subset("marts and views over the facts", after_daily)
+    return {"materialized": r.materialized, "expected": r.all_keys, "seconds": time.monotonic() - started}
+
+
+def refresh(platform, instance: dg.DagsterInstance, cursor, progress=print, max_ticks: int = 3) -> dict:
+    """What the automation sensors would do now: observe, evaluate, run what is requested.
+
+    Ticks until nothing more is requested (the marts over the daily fact follow the tick
+    after its partition). Returns the summary and the automation cursor to keep.
+    """
+    started = time.monotonic()
+    r = Runner(platform, instance, progress)
+    r.observe()
+    for _ in range(max_ticks):
+        result = dg.evaluate_automation_conditions(defs=r.defs, instance=instance, cursor=cursor)
+        cursor = result.cursor
+        requested = {x.key for x in result.results if x.true_subset.size > 0 and isinstance(x.key, dg.AssetKey)}
+        if not requested:
+            break
+        progress(f"  automation requests: {', '.join(sorted(k.to_user_string() for k in requested))}")
+        others = requested - r.daily_keys
+        if others:
+            r.subset("requested models", others)
+        for key in requested & r.daily_keys:
+            partitions = sorted(p for p in result.get_requested_partitions(key) if p)
+            if partitions:
+                r.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1])
+    return {"materialized": r.materialized, "expected": r.all_keys, "seconds": time.monotonic() - started,
+            "cursor": cursor}
+
+
+def mart_row_counts(instance: dg.DagsterInstance, keys) -> dict[str, int | None]:
+    counts = {}
+    for key in sorted(keys, key=lambda k: k.to_user_string()):
+        if key.path[0] not in ("marts", "reporting"):
+            continue
+        event = instance.get_latest_materialization_event(key)
+        meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
+        value = meta.get("dagster/row_count")
+        counts[key.to_user_string()] = value.value if value is not None else None
+    return counts
+
+
+def main() -> int:
+    from dagster_shared.serdes import deserialize_value, serialize_value
+
+    from platform_assets.definitions import platform
+
+    settings = platform.settings
+    instance = dg.DagsterInstance.get()
+    cursor_file = Path(instance.root_directory) / "demo-automation-cursor.json"
+    runner = Runner(platform, instance)
+    if runner.never_materialized():
+        print(f"first run: every asset once (PLATFORM_ENV={settings.env}, dbt target {settings.dbt_target}, "
+              f"Dagster instance {instance.root_directory})")
+        summary = run_all(platform, instance)
+        # Start the automation cursor now, so the next `make demo` refreshes only what changed.
+        cursor = dg.evaluate_automation_conditions(defs=platform.defs, instance=instance).cursor
+    else:
+        print("every asset is materialized already: observing the sources and refreshing what changed "
+              "(what the automation sensors do; `make simulate` makes changes)")
+        previous = deserialize_value(cursor_file.read_text()) if cursor_file.exists() else None
+        summary = refresh(platform, instance, previous)
+        cursor = summary["cursor"]
+    cursor_file.write_text(serialize_value(cursor))
+    missing = runner.never_materialized()
+    print(f"\n{len(summary['materialized'])} assets materialized by this run in {summary['seconds']:.1f}s; "
+          f"{len(summary['expected']) - len(missing)} of {len(summary['expected'])} assets materialized in all")
+    if missing:
+        print("never materialized: " + ", ".join(sorted(k.to_user_string() for k in missing)))
+    print("\nrow counts of the marts and reporting views:")
+    for key, n in mart_row_counts(instance, summary["expected"]).items():
+        print(f"  {key:<45} {n if n is not None else '(view)':>12}")
+    print("\nopen the lineage UI:  make ui   ->  http://127.0.0.1:3000/asset-groups"
+          "\n  (Assets > Global asset lineage: federated sources -> staging -> marts -> reporting views)")
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Assembles the platform's Definitions for one resolved environment.
+
+Tests build one per engine; `platform_assets/definitions.py` builds the one that
+`dagster dev`, the CLI and the code server load.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+from dagster_dbt import DbtCliResource, DbtProject
+
+from .automation import (
+    automation_sensors,
+    late_events_schedule,
+    observe_schedule,
+    run_failure_alert,
+)
+from .checks import build_source_checks
+from .dbt_assets import SIZING, build_dbt_assets
+from .dbt_project import dbt_project_for
+from .settings import PlatformSettings
+from .sources import FederatedTable, ReplicaResource, build_federated_sources
+
+
+def _dbt_executable() -> str:
+    # The dbt next to this interpreter: a Dagster process started as .venv/bin/dagster
+    # without the venv on PATH would not find `dbt` otherwise.
+    candidate = Path(sys.executable).parent / "dbt"
+    return str(candidate) if candidate.exists() else "dbt"
+
+
+@dataclass(frozen=True)
+class Platform:
+    """The assembled definitions and the parts tests and the demo need by name."""
+
+    defs: dg.Definitions
+    settings: PlatformSettings
+    project: DbtProject
+    manifest: dict
+    federated_tables: list[FederatedTable]
+    federated_sources: dg.AssetsDefinition
+    dbt_models: dg.AssetsDefinition
+    dbt_daily_facts: dg.AssetsDefinition
+    dbt_snapshots: dg.AssetsDefinition
+
+
+def build_platform(settings: PlatformSettings) -> Platform:
+    # Values read from .local/platform.env must reach dbt subprocesses and EnvVar resources.
+    settings.export_for_subprocesses()
+    dbt_project = dbt_project_for(settings)
+    manifest = json.loads(dbt_project.manifest_path.read_text())
+    federated_sources, federated_tables = build_federated_sources(
+        manifest, settings.optional("REPLICA_SCHEMA", "app")
+    )
+    dbt_models, dbt_daily_facts, dbt_snapshots = build_dbt_assets(dbt_project, settings)
+    source_keys = [t.key for t in federated_tables]
+
+    observe_job = dg.define_asset_job(
+        "observe_federated_sources",
+        # Only observe: the dbt source tests attached to these keys would otherwise run dbt.
+        selection=dg.AssetSelection.assets(*source_keys).without_checks(),
+        description="Observe every federated source table (one query against the replica).",
+    )
+    daily_facts_job = dg.define_asset_job(
+        "daily_facts",
+        selection=dg.AssetSelection.assets(dbt_daily_facts),
+        partitions_def=dbt_daily_facts.partitions_def,
+        tags=SIZING["daily"],
+        description="The daily-partitioned facts; backfills of any range run as one dbt invocation.",
+    )
+    dbt_job = dg.define_asset_job(
+        "unpartitioned_models",
+        selection=dg.AssetSelection.assets(dbt_models),
+        tags=SIZING["unpartitioned"],
+        description="Every unpartitioned dbt model (and its tests).",
+    )
+
+    defs = dg.Definitions(
+        assets=[federated_sources, dbt_models, dbt_daily_facts, dbt_snapshots],
+        asset_checks=build_source_checks(federated_tables, settings),
+        jobs=[observe_job, daily_facts_job, dbt_job],
+        schedules=[
+            observe_schedule(observe_job, settings.observe_cron),
+            late_events_schedule(daily_facts_job, SIZING["daily"]),
+        ],
+        sensors=[
+            *automation_sensors({
+                "unpartitioned": (dbt_models, SIZING["unpartitioned"]),
+                "daily_facts": (dbt_daily_facts, SIZING["daily"]),
+                "snapshots": (dbt_snapshots, SIZING["snapshots"]),
+            }),
+            run_failure_alert,
+        ],
+        resources={
+            "dbt": DbtCliResource(
+                project_dir=dbt_project,
+                profiles_dir=str(dbt_project.profiles_dir),
+                target=settings.dbt_target,
+                dbt_executable=_dbt_executable(),
+            ),
+            # EnvVar: the URL (with its password) is never shown in the UI or stored with a run.
+            "replica": ReplicaResource(url=dg.EnvVar("REPLICA_URL")),
+        },
+    )
+
+    return Platform(
+        defs=defs, settings=settings, project=dbt_project, manifest=manifest, federated_tables=federated_tables,
+        federated_sources=federated_sources, dbt_models=dbt_models,
+        dbt_daily_facts=dbt_daily_facts, dbt_snapshots=dbt_snapshots,
+    )

@@ -1,0 +1,170 @@
+"""What decides that an asset refreshes: declarative automation by materialization type,
+freshness, the observation cadence of the federated sources, and the failure alert.
+
+- Views are virtual assets (they store nothing): rebuilt when missing or when their SQL
+  changed, never because data changed — a view always reads the current data.
+- Tables, incrementals and snapshots refresh when data upstream changed. Their conditions
+  resolve *through* the views to the nearest stored ancestors (the federated sources or
+  other tables), so a new observation of a source reaches the marts without rebuilding
+  the staging views in between.
+- Marts also refresh when their freshness policy fails (once per PASS→FAIL transition).
+- The daily-partitioned fact follows the same rule for its latest partition; late events
+  (received days after they happened) land in older partitions, which a nightly schedule
+  re-processes as one run over the trailing week (cheap: one statement over a week of
+  events), rather than asking automation to track hundreds of partitions.
+"""
+
+
+import json
+import os
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+
+AUTOMATION_SENSOR = "platform_automation"
+
+
+def _upstream_data_changed() -> dg.AutomationCondition:
+    missing_or_code_changed = (
+        dg.AutomationCondition.newly_missing() | dg.AutomationCondition.code_version_changed()
+    ).with_label("missing_or_code_changed")
+    return (
+        dg.AutomationCondition.eager()
+        .replace("newly_missing", missing_or_code_changed)
+        .resolve_through_virtual()
+    )
+
+
+def _view_condition() -> dg.AutomationCondition:
+    return (
+        dg.AutomationCondition.in_latest_time_window()
+        & (dg.AutomationCondition.newly_missing() | dg.AutomationCondition.code_version_changed())
+        .since_last_handled()
+        .with_label("missing_or_code_changed")
+        & ~dg.AutomationCondition.in_progress()
+    ).with_label("view: missing or code changed")
+
+
+def _freshness_failed() -> dg.AutomationCondition:
+    return (
+        dg.AutomationCondition.freshness_failed().newly_true()
+        & ~dg.AutomationCondition.in_progress()
+    ).with_label("freshness failed")
+
+
+def automation_for(props: Mapping[str, Any]) -> dg.AutomationCondition | None:
+    """The automation condition of a dbt model or snapshot, by materialization type."""
+    materialized = props.get("config", {}).get("materialized")
+    if props["resource_type"] == "snapshot":
+        return _upstream_data_changed().with_label("snapshot: upstream data changed")
+    if materialized == "ephemeral":
+        return None  # inlined into its consumers; nothing to build
+    if materialized == "view":
+        return _view_condition()
+    condition = _upstream_data_changed()
+    if props.get("fqn", [None, None])[1] == "marts":
+        return (condition | _freshness_failed()).with_label("mart: upstream data changed or stale")
+    return condition.with_label(f"{materialized}: upstream data changed")
+
+
+def automation_sensors(
+    asset_sets: Mapping[str, tuple[dg.AssetsDefinition, Mapping[str, str]]],
+) -> list[dg.AutomationConditionSensorDefinition]:
+    """One RUNNING automation sensor per asset set, its runs tagged with the set's sizing.
+
+    The implicit default sensor starts STOPPED. Run tags are the only tags a launcher sees
+    (op and asset tags do not become run tags), so each set's `ecs/cpu`/`ecs/memory` ride
+    on the runs its own sensor requests.
+    """
+    return [
+        dg.AutomationConditionSensorDefinition(
+            f"{AUTOMATION_SENSOR}_{name}",
+            target=dg.AssetSelection.assets(assets_def),
+            run_tags=dict(run_tags),
+            default_status=dg.DefaultSensorStatus.RUNNING,
+            minimum_interval_seconds=30,
+            description=f"Declarative automation of the {name} dbt assets (platform_assets/automation.py).",
+        )
+        for name, (assets_def, run_tags) in asset_sets.items()
+    ]
+
+
+def observe_schedule(job, cron: str) -> dg.ScheduleDefinition:
+    return dg.ScheduleDefinition(
+        name="observe_federated_sources_schedule",
+        job=job,
+        cron_schedule=cron,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Observes the replica's tables (one query, no dbt); new data versions drive automation.",
+    )
+
+
+def late_events_schedule(job, run_tags: Mapping[str, str], days: int = 7) -> dg.ScheduleDefinition:
+    @dg.schedule(
+        name="late_events_sweep",
+        job=job,
+        cron_schedule="30 2 * * *",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=f"Re-processes the trailing {days} days of the daily facts in one run (late events).",
+    )
+    def _sweep(context: dg.ScheduleEvaluationContext):
+        partitions_def = job.partitions_def
+        keys = partitions_def.get_partition_keys(
+            current_time=context.scheduled_execution_time, dynamic_partitions_store=None
+        )
+        window = keys[-(days + 1):]
+        return dg.RunRequest(
+            run_key=f"late-events-{window[-1]}",
+            tags={
+                **run_tags,
+                "dagster/asset_partition_range_start": window[0],
+                "dagster/asset_partition_range_end": window[-1],
+                "platform/reason": "late events sweep",
+            },
+        )
+
+    return _sweep
+
+
+def _post_webhook(url: str, payload: dict[str, Any], log) -> None:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            log.info(f"failure alert posted to webhook ({response.status})")
+    except OSError as exc:  # an alert channel being down must not hide the failure itself
+        log.warning(f"failure alert webhook unreachable: {exc}")
+
+
+@dg.run_failure_sensor(
+    name="run_failure_alert",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    monitor_all_code_locations=False,
+    description="Logs which assets a failed run did not materialize; posts to ALERT_WEBHOOK_URL when set.",
+)
+def run_failure_alert(context: dg.RunFailureSensorContext):
+    run = context.dagster_run
+    planned = {k.to_user_string() for k in (run.asset_selection or set())}
+    failed_steps = [e.step_key for e in context.get_step_failure_events()]
+    materialized = {
+        r.asset_key.to_user_string()
+        for r in context.instance.get_records_for_run(
+            run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+        ).records
+        if r.asset_key
+    }
+    failed_assets = sorted(planned - materialized)
+    payload = {
+        "run_id": run.run_id,
+        "job": run.job_name,
+        "failed_assets": failed_assets,
+        "failed_steps": failed_steps,
+        "error": context.failure_event.message,
+    }
+    context.log.error(f"run {run.run_id} failed; assets not materialized: {', '.join(failed_assets) or 'n/a'}")
+    url = os.environ.get("ALERT_WEBHOOK_URL")
+    if url:
+        _post_webhook(url, payload, context.log)

@@ -1,0 +1,144 @@
+"""The platform's configuration: one environment switch and the variables it needs.
+
+`PLATFORM_ENV` = local | pg | prod resolves the dbt target and every resource. Every
+environment appears in every map below; an unknown environment or a missing variable is an
+error naming it, never a silent fallback.
+
+For the local environments (local, pg) the values `make up` writes to
+`.local/platform.env` are read too (variables already set in the process win), so that
+`dagster dev` or the CLI works without sourcing the file first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DBT_PROJECT_DIR = REPO_ROOT / "dbt"
+
+ENVIRONMENTS = ("local", "pg", "prod")
+
+# dbt target per environment (profiles.yml)
+DBT_TARGETS = {"local": "local", "pg": "pg", "prod": "prod"}
+# warehouse engine per environment (asset kinds, metadata fetching strategy)
+ENGINES = {"local": "duckdb", "pg": "postgres", "prod": "redshift"}
+# variables each environment must have (read lazily, when a resource needs them)
+REQUIRED_VARIABLES = {
+    "local": ("REPLICA_URL", "DUCKDB_PATH", "REPLICA_HOST", "REPLICA_PORT", "REPLICA_DB",
+              "REPLICA_USER", "REPLICA_PASSWORD", "REPLICA_SCHEMA"),
+    "pg": ("REPLICA_URL", "WAREHOUSE_PG_HOST", "WAREHOUSE_PG_PORT", "WAREHOUSE_PG_DB",
+           "WAREHOUSE_PG_USER", "WAREHOUSE_PG_PASSWORD", "REPLICA_HOST", "REPLICA_PORT",
+           "REPLICA_DB", "REPLICA_USER", "REPLICA_PASSWORD", "REPLICA_SCHEMA"),
+    "prod": ("REPLICA_URL", "REDSHIFT_HOST", "REDSHIFT_PORT", "REDSHIFT_DB", "REDSHIFT_USER",
+             "REDSHIFT_PASSWORD", "REDSHIFT_FEDERATION_IAM_ROLE_ARN", "REPLICA_SECRET_ARN",
+             "REPLICA_ENDPOINT", "REPLICA_PORT", "REPLICA_DB", "REPLICA_SCHEMA"),
+}
+# whether .local/platform.env is consulted
+READS_LOCAL_ENV_FILE = {"local": True, "pg": True, "prod": False}
+
+
+class ConfigurationError(ValueError):
+    """A platform setting is missing or malformed; the message names it."""
+
+
+def _env_file_values(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, value = line.split("=", 1)
+                values[key.strip()] = value.strip()
+    return values
+
+
+@dataclass(frozen=True)
+class PlatformSettings:
+    env: str
+    values: dict[str, str]
+
+    @property
+    def dbt_target(self) -> str:
+        return DBT_TARGETS[self.env]
+
+    @property
+    def engine(self) -> str:
+        return ENGINES[self.env]
+
+    def get(self, name: str) -> str:
+        value = self.values.get(name)
+        if not value:
+            hint = " (run `make up`, which writes .local/platform.env)" if READS_LOCAL_ENV_FILE[self.env] else ""
+            raise ConfigurationError(f"{name} is not set; PLATFORM_ENV={self.env} needs it{hint}")
+        return value
+
+    def optional(self, name: str, default: str | None = None) -> str | None:
+        return self.values.get(name) or default
+
+    def dbt_env(self) -> dict[str, str]:
+        """The variables handed to dbt subprocesses: the environment's required ones."""
+        return {name: self.get(name) for name in REQUIRED_VARIABLES[self.env]}
+
+    def export_for_subprocesses(self) -> None:
+        """Make values read from .local/platform.env visible to dbt subprocesses.
+
+        Variables already in the process environment are left as they are.
+        """
+        for name in REQUIRED_VARIABLES[self.env]:
+            if name in self.values:
+                os.environ.setdefault(name, self.values[name])
+        # dagster-dbt's manifest preparer looks for `dbt` on PATH: a process started as
+        # .venv/bin/dagster (or pytest) without the venv activated must still find it.
+        bin_dir = str(Path(sys.executable).parent)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+
+    def check(self) -> None:
+        """Fail fast, naming every missing variable at once."""
+        missing = [n for n in REQUIRED_VARIABLES[self.env] if not self.values.get(n)]
+        if missing:
+            raise ConfigurationError(
+                f"PLATFORM_ENV={self.env} needs these variables, which are not set: {', '.join(missing)}"
+            )
+
+    # -- scheduling knobs -------------------------------------------------------------------
+    @property
+    def observe_cron(self) -> str:
+        return self.optional("SOURCE_OBSERVE_CRON", "*/5 * * * *")
+
+    @property
+    def partitions_start(self) -> str:
+        # Fixed, not relative to today: moving the start would renumber every partition.
+        raw = self.optional("FACT_PARTITIONS_START", "2025-11-01")
+        try:
+            return date.fromisoformat(raw).isoformat()
+        except ValueError:
+            raise ConfigurationError(f"FACT_PARTITIONS_START={raw!r} is not an ISO date (YYYY-MM-DD)") from None
+
+    @property
+    def max_replica_lag_seconds(self) -> float:
+        raw = self.optional("MAX_REPLICA_LAG_SECONDS", "300")
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigurationError(f"MAX_REPLICA_LAG_SECONDS={raw!r} is not a number") from None
+
+
+def load_settings(environ: dict[str, str] | None = None) -> PlatformSettings:
+    environ = dict(os.environ if environ is None else environ)
+    env = environ.get("PLATFORM_ENV") or "local"
+    if env not in ENVIRONMENTS:
+        raise ConfigurationError(
+            f"PLATFORM_ENV={env!r} is not a known environment; valid: {', '.join(ENVIRONMENTS)}"
+        )
+    values: dict[str, str] = {}
+    if READS_LOCAL_ENV_FILE[env]:
+        local_dir = Path(environ.get("LOCAL_DIR") or REPO_ROOT / ".local")
+        env_file = Path(environ.get("PLATFORM_ENV_FILE") or local_dir / "platform.env")
+        values.update(_env_file_values(env_file))
+    values.update({k: v for k, v in environ.items() if v != ""})
+    return PlatformSettings(env=env, values=values)
