@@ -10,6 +10,8 @@ STAMP  := $(VENV)/.installed-stamp
 # The venv's executables (dbt, dagster) are found without activating it.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 TARGET ?= local
+# make test: pytest-xdist workers (each starts its own primary + replica); 0 = one process
+TEST_WORKERS ?= 2
 LOCAL_DIR ?= $(CURDIR)/.local
 export LOCAL_DIR
 # The local Dagster instance lives under .local/dagster (dagster.yaml is copied there).
@@ -59,7 +61,10 @@ ui: up dagster-home ## the Dagster UI (lineage, runs, backfills) on http://127.0
 	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 test: $(STAMP) ## the whole suite (starts its own primary + replica on free ports)
-	@$(PY) -m pytest -q
+	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
+bench: $(STAMP) ## EVENTS (8000000) events: Dagster vs plain dbt vs raw SQL vs PostgreSQL (docs/benchmarks.md)
+	@$(PY) -m bench
 
 lint: $(STAMP) ## ruff
-	@$(VENV)/bin/ruff check platform_assets deploy/local tests
+	@$(VENV)/bin/ruff check platform_assets deploy/local tests bench

@@ -20,9 +20,11 @@ from .automation import (
     observe_schedule,
     run_failure_alert,
 )
-from .checks import build_source_checks
-from .dbt_assets import SIZING, build_dbt_assets
+from .checks import build_source_checks, replica_lag_check_keys
+from .dbt_assets import SIZING, WAREHOUSE_POOL, PlatformTranslator, build_dbt_assets
 from .dbt_project import dbt_project_for
+from .exports import Exports, build_exports
+from .exposures import Dashboard, dashboard_refresh_sensor, dashboard_specs, dashboards_from_manifest
 from .settings import PlatformSettings
 from .sources import FederatedTable, ReplicaResource, build_federated_sources
 
@@ -47,6 +49,8 @@ class Platform:
     dbt_models: dg.AssetsDefinition
     dbt_daily_facts: dg.AssetsDefinition
     dbt_snapshots: dg.AssetsDefinition
+    dashboards: list[Dashboard]
+    exports: Exports
 
 
 def build_platform(settings: PlatformSettings) -> Platform:
@@ -55,15 +59,22 @@ def build_platform(settings: PlatformSettings) -> Platform:
     dbt_project = dbt_project_for(settings)
     manifest = json.loads(dbt_project.manifest_path.read_text())
     federated_sources, federated_tables = build_federated_sources(
-        manifest, settings.optional("REPLICA_SCHEMA", "app")
+        manifest, settings.optional("REPLICA_SCHEMA", "app"), settings.max_replica_lag_seconds
     )
-    dbt_models, dbt_daily_facts, dbt_snapshots = build_dbt_assets(dbt_project, settings)
+    # Automation holds the refreshes downstream of a source whose replica_lag check failed.
+    lag_check_keys = replica_lag_check_keys(federated_tables)
+    dbt_models, dbt_daily_facts, dbt_snapshots = build_dbt_assets(
+        dbt_project, settings, lag_checks=dg.AssetSelection.checks(*lag_check_keys)
+    )
     source_keys = [t.key for t in federated_tables]
+    # The dashboards (dbt exposures) and the customer exports: what reads the marts.
+    dashboards = dashboards_from_manifest(manifest, PlatformTranslator(engine=settings.engine))
+    exports = build_exports(settings, manifest, pool=WAREHOUSE_POOL, run_tags=SIZING["exports"])
 
     observe_job = dg.define_asset_job(
         "observe_federated_sources",
-        # Only observe: the dbt source tests attached to these keys would otherwise run dbt.
-        selection=dg.AssetSelection.assets(*source_keys).without_checks(),
+        # Observe, and check the replica's lag; not the dbt source tests on these keys (they run dbt).
+        selection=dg.AssetSelection.assets(*source_keys).without_checks() | dg.AssetSelection.checks(*lag_check_keys),
         description="Observe every federated source table (one query against the replica).",
     )
     daily_facts_job = dg.define_asset_job(
@@ -81,12 +92,14 @@ def build_platform(settings: PlatformSettings) -> Platform:
     )
 
     defs = dg.Definitions(
-        assets=[federated_sources, dbt_models, dbt_daily_facts, dbt_snapshots],
+        assets=[federated_sources, dbt_models, dbt_daily_facts, dbt_snapshots, exports.asset,
+                *dashboard_specs(dashboards)],
         asset_checks=build_source_checks(federated_tables, settings),
-        jobs=[observe_job, daily_facts_job, dbt_job],
+        jobs=[observe_job, daily_facts_job, dbt_job, exports.job],
         schedules=[
             observe_schedule(observe_job, settings.observe_cron),
             late_events_schedule(daily_facts_job, SIZING["daily"]),
+            exports.schedule,
         ],
         sensors=[
             *automation_sensors({
@@ -95,6 +108,8 @@ def build_platform(settings: PlatformSettings) -> Platform:
                 "snapshots": (dbt_snapshots, SIZING["snapshots"]),
             }),
             run_failure_alert,
+            exports.sensor,
+            dashboard_refresh_sensor(dashboards),
         ],
         resources={
             "dbt": DbtCliResource(
@@ -111,5 +126,5 @@ def build_platform(settings: PlatformSettings) -> Platform:
     return Platform(
         defs=defs, settings=settings, project=dbt_project, manifest=manifest, federated_tables=federated_tables,
         federated_sources=federated_sources, dbt_models=dbt_models,
-        dbt_daily_facts=dbt_daily_facts, dbt_snapshots=dbt_snapshots,
+        dbt_daily_facts=dbt_daily_facts, dbt_snapshots=dbt_snapshots, dashboards=dashboards, exports=exports,
     )

@@ -8,6 +8,10 @@ freshness, the observation cadence of the federated sources, and the failure ale
   other tables), so a new observation of a source reaches the marts without rebuilding
   the staging views in between.
 - Marts also refresh when their freshness policy fails (once per PASS→FAIL transition).
+- Nothing that stores data refreshes from a lagging replica: while the latest `replica_lag`
+  check of a federated source it reads (through the views) failed, the condition's labelled
+  part "replica lag within MAX_REPLICA_LAG_SECONDS" is false and the refresh is held; the
+  upstream change is remembered (since last handled), so it runs once the lag recovers.
 - The daily-partitioned fact follows the same rule for its latest partition; late events
   (received days after they happened) land in older partitions, which a nightly schedule
   re-processes as one run over the trailing week (cheap: one statement over a week of
@@ -24,6 +28,22 @@ from typing import Any
 import dagster as dg
 
 AUTOMATION_SENSOR = "platform_automation"
+REPLICA_LAG_GUARD_LABEL = "replica lag within MAX_REPLICA_LAG_SECONDS"
+
+
+def replica_lag_guard(lag_checks: dg.AssetSelection) -> dg.AutomationCondition:
+    """True unless the latest replica_lag check of a federated source upstream failed.
+
+    Sources are reached through the virtual (view) assets in between. A check that never ran
+    does not hold anything (a fresh deployment still builds). Unlike
+    `all_deps_blocking_checks_passed()` it looks at the lag checks only: the dbt source tests
+    (blocking when their severity is error) run inside the dbt build, which a hold on them
+    would never let run again.
+    """
+    lag_failed = dg.AutomationCondition.any_checks_match(dg.AutomationCondition.check_failed()).allow(lag_checks)
+    return (~dg.AutomationCondition.any_deps_match(lag_failed).resolve_through_virtual()).with_label(
+        REPLICA_LAG_GUARD_LABEL
+    )
 
 
 def _upstream_data_changed() -> dg.AutomationCondition:
@@ -54,19 +74,30 @@ def _freshness_failed() -> dg.AutomationCondition:
     ).with_label("freshness failed")
 
 
-def automation_for(props: Mapping[str, Any]) -> dg.AutomationCondition | None:
-    """The automation condition of a dbt model or snapshot, by materialization type."""
+def automation_for(
+    props: Mapping[str, Any], lag_checks: dg.AssetSelection | None = None
+) -> dg.AutomationCondition | None:
+    """The automation condition of a dbt model or snapshot, by materialization type.
+
+    With `lag_checks` (the replica_lag checks of the federated sources), everything that
+    stores data is also held while the replica it reads lags (see `replica_lag_guard`).
+    """
     materialized = props.get("config", {}).get("materialized")
-    if props["resource_type"] == "snapshot":
-        return _upstream_data_changed().with_label("snapshot: upstream data changed")
     if materialized == "ephemeral":
         return None  # inlined into its consumers; nothing to build
-    if materialized == "view":
+    if materialized == "view" and props["resource_type"] != "snapshot":
         return _view_condition()
-    condition = _upstream_data_changed()
-    if props.get("fqn", [None, None])[1] == "marts":
-        return (condition | _freshness_failed()).with_label("mart: upstream data changed or stale")
-    return condition.with_label(f"{materialized}: upstream data changed")
+    if props["resource_type"] == "snapshot":
+        condition, label = _upstream_data_changed(), "snapshot: upstream data changed"
+    elif props.get("fqn", [None, None])[1] == "marts":
+        condition, label = _upstream_data_changed() | _freshness_failed(), "mart: upstream data changed or stale"
+    else:
+        condition, label = _upstream_data_changed(), f"{materialized}: upstream data changed"
+    if lag_checks is None:
+        return condition.with_label(label)
+    return (condition.with_label(label) & replica_lag_guard(lag_checks)).with_label(
+        f"{label}, replica not lagging"
+    )
 
 
 def automation_sensors(

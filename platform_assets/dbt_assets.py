@@ -12,8 +12,12 @@ a DuckDB file has a single writer).
 
 
 import json
+import re
+import sys
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -24,9 +28,13 @@ from dagster_dbt import (
     DbtProject,
     dbt_assets,
 )
+from dagster_dbt.errors import DagsterDbtCliRuntimeError
+from packaging import version
 
 from .automation import automation_for
-from .settings import PlatformSettings
+from .dbt_project import keep_partial_parse, partial_parse_cache, run_target_path, seed_partial_parse
+from .preflight import current_settings, explain_dbt_failure, preflight, redact
+from .settings import ConfigurationError, PlatformSettings
 
 DAILY_SELECT = "tag:daily_partitioned"
 SNAPSHOT_SELECT = "resource_type:snapshot"
@@ -42,6 +50,8 @@ SIZING = {
     "unpartitioned": {"ecs/cpu": "1024", "ecs/memory": "4096"},
     "daily": {"ecs/cpu": "2048", "ecs/memory": "8192"},
     "snapshots": {"ecs/cpu": "512", "ecs/memory": "2048"},
+    # customer exports (platform_assets/exports.py): the engine does the work, the run waits
+    "exports": {"ecs/cpu": "512", "ecs/memory": "2048"},
 }
 
 
@@ -74,7 +84,8 @@ def build_args(command: str, vars_: Mapping[str, str] | None = None) -> list[str
 class PlatformTranslator(DagsterDbtTranslator):
     """Keys, groups, owners, kinds, automation and freshness, from dbt yml `meta`."""
 
-    def __init__(self, engine: str, source_tests_as_checks: bool = True):
+    def __init__(self, engine: str, source_tests_as_checks: bool = True,
+                 lag_checks: dg.AssetSelection | None = None):
         super().__init__(
             settings=DagsterDbtTranslatorSettings(
                 enable_asset_checks=True,
@@ -85,6 +96,8 @@ class PlatformTranslator(DagsterDbtTranslator):
             )
         )
         self.engine = engine
+        # the replica_lag checks of the federated sources: automation holds refreshes on them
+        self.lag_checks = lag_checks
 
     def get_asset_key(self, props: Mapping[str, Any]) -> dg.AssetKey:
         if props["resource_type"] == "source":
@@ -110,7 +123,7 @@ class PlatformTranslator(DagsterDbtTranslator):
     def get_automation_condition(self, props: Mapping[str, Any]) -> dg.AutomationCondition | None:
         if props["resource_type"] == "source":
             return None
-        return automation_for(props)
+        return automation_for(props, self.lag_checks)
 
     def get_asset_spec(self, manifest, unique_id, project) -> dg.AssetSpec:
         spec = super().get_asset_spec(manifest, unique_id, project)
@@ -135,6 +148,61 @@ def freshness_policy_for(props: Mapping[str, Any]) -> dg.FreshnessPolicy:
 
 
 # -- metadata after a run ---------------------------------------------------------------------
+def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.AssetExecutionContext,
+         settings: PlatformSettings):
+    """One dbt invocation in a run folder seeded with a warm parse state (dbt_project.py)."""
+    _preflight(context, settings)  # before anything is created, even the run folder
+    _skip_version_probe(dbt)
+    target = run_target_path(project, context.op_execution_context.op.name, context.run.run_id)
+    cache = partial_parse_cache(project, args)
+    seed_partial_parse(cache, target)
+    invocation = dbt.cli(args, context=context, target_path=target)
+    yield from _explain_replica_failure(_stream(invocation, context, settings), invocation, context, settings)
+    keep_partial_parse(target, cache)
+
+
+def _preflight(context: dg.AssetExecutionContext, settings: PlatformSettings) -> None:
+    """Bad configuration fails here, before dbt starts: one message naming the setting, and
+    nothing created (no DuckDB file, no schema). See preflight.py."""
+    try:
+        preflight(current_settings(settings))
+    except ConfigurationError as exc:
+        raise dg.Failure(description=f"preflight: {exc}", allow_retries=False) from None
+
+
+def _explain_replica_failure(events: Iterator, invocation, context: dg.AssetExecutionContext,
+                             settings: PlatformSettings) -> Iterator:
+    """A dbt failure while the replica is unreachable becomes one Failure naming the replica
+    (host:port, REPLICA_URL) and the sources the failing models read, not a dbt traceback."""
+    try:
+        yield from events
+    except DagsterDbtCliRuntimeError as exc:
+        try:
+            run_results = invocation.get_artifact("run_results.json")
+        except Exception:  # dbt died before writing it
+            run_results = None
+        selected = [
+            uid for uid, node in invocation.manifest.get("nodes", {}).items()
+            if node.get("resource_type") in ("model", "snapshot")
+            and dg.AssetKey([layer_of(node), node["name"]]) in context.selected_asset_keys
+        ]
+        message = explain_dbt_failure(current_settings(settings), invocation.manifest, run_results, selected)
+        if message is None:
+            raise
+        context.log.error(message)
+        raise dg.Failure(description=message, metadata={"dbt_error": redact(str(exc))[:2000]}) from None
+
+
+def _skip_version_probe(dbt: DbtCliResource) -> None:
+    """dagster-dbt learns the dbt version by running `dbt --version` once per resource
+    instance, i.e. once per run: a second process that imports all of dbt (seconds). When the
+    executable is this environment's own dbt, its version is the installed dbt-core's, so it is
+    filled into the resource's cache instead (only ever the version dagster-dbt would read)."""
+    if "_cli_version" in dbt.__dict__ or Path(dbt.dbt_executable).parent != Path(sys.executable).parent:
+        return
+    dbt.__dict__["_cli_version"] = version.parse(metadata.version("dbt-core"))
+
+
 def _stream(invocation, context: dg.AssetExecutionContext, settings: PlatformSettings):
     """dbt events as Dagster events, with row counts and column metadata.
 
@@ -146,8 +214,18 @@ def _stream(invocation, context: dg.AssetExecutionContext, settings: PlatformSet
     if settings.engine != "duckdb":
         yield from invocation.stream().fetch_row_counts().fetch_column_metadata()
         return
-    events = list(invocation.stream())
+    # dbt exits non-zero when a test fails: the events of what it did build and test (the
+    # materializations, the check results with their failed row counts) are still yielded,
+    # then the error is raised.
+    events, error = [], None
+    try:
+        for event in invocation.stream():
+            events.append(event)
+    except DagsterDbtCliRuntimeError as exc:
+        error = exc
     yield from _with_duckdb_metadata(events, context, invocation.manifest, settings.get("DUCKDB_PATH"))
+    if error is not None:
+        raise error
 
 
 def _with_duckdb_metadata(events: list, context, manifest: Mapping[str, Any], path: str) -> Iterator:
@@ -195,14 +273,42 @@ def _duckdb_table_metadata(con, schema: str, name: str) -> dict[str, Any]:
     return meta
 
 
-def build_dbt_assets(project: DbtProject, settings: PlatformSettings) -> list[dg.AssetsDefinition]:
-    translator = PlatformTranslator(engine=settings.engine)
+_SOURCE_CALL = re.compile(r"source\(\s*['\"]([^'\"]+)['\"]\s*,\s*['\"]([^'\"]+)['\"]\s*\)")
+
+
+def attach_source_tests(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest with every generic test on a source attached to that source.
+
+    dbt leaves `attached_node` empty on source tests, and dagster-dbt infers it only when the
+    test has a single parent: a source test that also reads another source (`relationships`
+    to it, `not_after_soft_delete`) would be no asset check at all, never selected in a
+    subset run and invisible in Dagster. The source it is declared on is the `model`
+    argument of the test (`source('app', table)`).
+    """
+    nodes = dict(manifest["nodes"])
+    for unique_id, node in manifest["nodes"].items():
+        parents = node.get("depends_on", {}).get("nodes", [])
+        if node.get("resource_type") != "test" or node.get("attached_node") or len(parents) < 2:
+            continue
+        match = _SOURCE_CALL.search(str(((node.get("test_metadata") or {}).get("kwargs") or {}).get("model", "")))
+        if not match:
+            continue
+        owner = [p for p in parents if p.startswith("source.") and p.endswith(f".{match[1]}.{match[2]}")]
+        if len(owner) == 1:
+            nodes[unique_id] = {**node, "attached_node": owner[0]}
+    return {**manifest, "nodes": nodes}
+
+
+def build_dbt_assets(project: DbtProject, settings: PlatformSettings,
+                     lag_checks: dg.AssetSelection | None = None) -> list[dg.AssetsDefinition]:
+    manifest = attach_source_tests(json.loads(project.manifest_path.read_text()))
+    translator = PlatformTranslator(engine=settings.engine, lag_checks=lag_checks)
     # The other sets' translators leave the source tests to the unpartitioned set.
-    secondary = PlatformTranslator(engine=settings.engine, source_tests_as_checks=False)
+    secondary = PlatformTranslator(engine=settings.engine, source_tests_as_checks=False, lag_checks=lag_checks)
     daily = dg.DailyPartitionsDefinition(start_date=settings.partitions_start, end_offset=1)
 
     @dbt_assets(
-        manifest=project.manifest_path,
+        manifest=manifest,
         project=project,
         name="dbt_models",
         exclude=f"{DAILY_SELECT} {SNAPSHOT_SELECT}",
@@ -211,10 +317,10 @@ def build_dbt_assets(project: DbtProject, settings: PlatformSettings) -> list[dg
         op_tags=SIZING["unpartitioned"],
     )
     def dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource):
-        yield from _stream(dbt.cli(build_args("build"), context=context), context, settings)
+        yield from _dbt(dbt, project, build_args("build"), context, settings)
 
     @dbt_assets(
-        manifest=project.manifest_path,
+        manifest=manifest,
         project=project,
         name="dbt_daily_facts",
         select=DAILY_SELECT,
@@ -232,10 +338,10 @@ def build_dbt_assets(project: DbtProject, settings: PlatformSettings) -> list[dg
         else:
             # A run of the checks alone (no asset selected) has no partition: tests only.
             args = build_args("build")
-        yield from _stream(dbt.cli(args, context=context), context, settings)
+        yield from _dbt(dbt, project, args, context, settings)
 
     @dbt_assets(
-        manifest=project.manifest_path,
+        manifest=manifest,
         project=project,
         name="dbt_snapshots",
         select=SNAPSHOT_SELECT,
@@ -244,6 +350,6 @@ def build_dbt_assets(project: DbtProject, settings: PlatformSettings) -> list[dg
         op_tags=SIZING["snapshots"],
     )
     def dbt_snapshots(context: dg.AssetExecutionContext, dbt: DbtCliResource):
-        yield from _stream(dbt.cli(build_args("build"), context=context), context, settings)
+        yield from _dbt(dbt, project, build_args("build"), context, settings)
 
     return [dbt_models, dbt_daily_facts, dbt_snapshots]

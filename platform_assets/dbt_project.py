@@ -6,6 +6,11 @@ that is parsed is the graph that runs. Each environment parses into its own targ
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from dagster_dbt import DbtProject
@@ -44,3 +49,46 @@ def manifest_is_stale(project: DbtProject) -> bool:
         (root / name).exists() and (root / name).stat().st_mtime > parsed_at
         for name in ("dbt_project.yml", "profiles.yml", "packages.yml")
     )
+
+
+# -- warm parsing ---------------------------------------------------------------------------
+# dagster-dbt gives every dbt invocation a fresh target folder and seeds it with the
+# partial_parse.msgpack of $DBT_TARGET_PATH (default `target/`), which is not the folder this
+# environment parses into. dbt then re-parses the whole project on every run (5-10 s), also
+# because it throws the parse state away when the profile (e.g. DUCKDB_PATH) or the --vars
+# differ from the ones it was saved with. So each run folder is seeded from, and after the run
+# gives back, the state of the last invocation with the same kind of command line.
+PARTIAL_PARSE = "partial_parse.msgpack"
+
+
+def run_target_path(project: DbtProject, op_name: str, run_id: str) -> Path:
+    """A fresh target folder for one dbt invocation, under the environment's own."""
+    name = f"{op_name}-{run_id[:7]}-{uuid.uuid4().hex[:7]}"
+    return Path(project.project_dir) / project.target_path / "runs" / name
+
+
+def partial_parse_cache(project: DbtProject, args: Sequence[str]) -> Path:
+    """Where the parse state for this kind of command line is kept between invocations.
+
+    One slot for invocations without --vars, one for the last window: runs of the same
+    partition window (automation ticks within a day, repeated backfills) then share it.
+    """
+    base = Path(project.project_dir) / project.target_path
+    return base / (PARTIAL_PARSE if "--vars" not in args else "partial_parse.window.msgpack")
+
+
+def seed_partial_parse(cache: Path, target: Path) -> None:
+    if cache.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cache, target / PARTIAL_PARSE)
+
+
+def keep_partial_parse(target: Path, cache: Path) -> None:
+    """Give the state dbt saved in a run folder back to the cache (atomically: runs of other
+    processes may read it at the same time)."""
+    saved = target / PARTIAL_PARSE
+    if not saved.exists():
+        return
+    tmp = cache.with_name(f"{cache.name}.{hashlib.sha1(str(target).encode()).hexdigest()[:8]}.tmp")
+    shutil.copyfile(saved, tmp)
+    os.replace(tmp, cache)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import duckdb
 
 EXTENSION = "postgres_scanner"
+HTTPFS_EXTENSION = "httpfs"
 
 
 def ensure_duckdb_postgres_extension() -> None:
@@ -29,6 +30,28 @@ def ensure_duckdb_postgres_extension() -> None:
         con.close()
 
 
+def ensure_duckdb_extension(name: str) -> None:
+    """Install a DuckDB extension from its wheel (offline) unless it is already installed.
+
+    httpfs (duckdb-extension-httpfs, same version as duckdb) is what the customer exports
+    use to write to S3 (platform_assets/exports.py).
+    """
+    con = duckdb.connect()
+    try:
+        installed = con.execute(
+            "select installed from duckdb_extensions() where extension_name = ?", [name]
+        ).fetchone()
+        if installed and installed[0]:
+            return
+        from duckdb_extensions import import_extension
+
+        import_extension(name, con=con)
+    finally:
+        con.close()
+
+
 if __name__ == "__main__":
     ensure_duckdb_postgres_extension()
     print(f"duckdb extension {EXTENSION} installed")
+    ensure_duckdb_extension(HTTPFS_EXTENSION)
+    print(f"duckdb extension {HTTPFS_EXTENSION} installed")

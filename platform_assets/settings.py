@@ -35,8 +35,15 @@ REQUIRED_VARIABLES = {
            "REPLICA_DB", "REPLICA_USER", "REPLICA_PASSWORD", "REPLICA_SCHEMA"),
     "prod": ("REPLICA_URL", "REDSHIFT_HOST", "REDSHIFT_PORT", "REDSHIFT_DB", "REDSHIFT_USER",
              "REDSHIFT_PASSWORD", "REDSHIFT_FEDERATION_IAM_ROLE_ARN", "REPLICA_SECRET_ARN",
-             "REPLICA_ENDPOINT", "REPLICA_PORT", "REPLICA_DB", "REPLICA_SCHEMA"),
+             "REPLICA_ENDPOINT", "REPLICA_PORT", "REPLICA_DB", "REPLICA_SCHEMA",
+             # customer exports: s3://bucket/prefix, and the role Redshift's UNLOAD assumes
+             "EXPORT_URI", "EXPORT_UNLOAD_IAM_ROLE_ARN"),
 }
+# how customer exports are written (platform_assets/exports.py): DuckDB COPY ... TO (reading
+# the DuckDB file, or the PostgreSQL warehouse attached READ_ONLY), or Redshift UNLOAD
+EXPORT_METHODS = {"local": "duckdb_copy", "pg": "duckdb_copy", "prod": "redshift_unload"}
+# where exports go when EXPORT_URI is not set ("{local_dir}" = LOCAL_DIR); None = required
+DEFAULT_EXPORT_URIS = {"local": "{local_dir}/exports", "pg": "{local_dir}/exports", "prod": None}
 # whether .local/platform.env is consulted
 READS_LOCAL_ENV_FILE = {"local": True, "pg": True, "prod": False}
 
@@ -80,8 +87,16 @@ class PlatformSettings:
         return self.values.get(name) or default
 
     def dbt_env(self) -> dict[str, str]:
-        """The variables handed to dbt subprocesses: the environment's required ones."""
-        return {name: self.get(name) for name in REQUIRED_VARIABLES[self.env]}
+        """The variables handed to dbt subprocesses: the environment's required ones, and
+        each password again as DBT_ENV_SECRET_<name> so that dbt scrubs it from its logs."""
+        return {**{name: self.get(name) for name in REQUIRED_VARIABLES[self.env]}, **self.dbt_secret_env()}
+
+    def dbt_secret_env(self) -> dict[str, str]:
+        return {
+            f"DBT_ENV_SECRET_{name}": self.values[name]
+            for name in REQUIRED_VARIABLES[self.env]
+            if name.endswith("PASSWORD") and self.values.get(name)
+        }
 
     def export_for_subprocesses(self) -> None:
         """Make values read from .local/platform.env visible to dbt subprocesses.
@@ -91,6 +106,9 @@ class PlatformSettings:
         for name in REQUIRED_VARIABLES[self.env]:
             if name in self.values:
                 os.environ.setdefault(name, self.values[name])
+        # dbt replaces the value of every DBT_ENV_SECRET_* variable by ***** in its logs: the
+        # pg target's user mapping DDL carries the replica password (federation macro).
+        os.environ.update(self.dbt_secret_env())
         # dagster-dbt's manifest preparer looks for `dbt` on PATH: a process started as
         # .venv/bin/dagster (or pytest) without the venv activated must still find it.
         bin_dir = str(Path(sys.executable).parent)
@@ -118,6 +136,30 @@ class PlatformSettings:
             return date.fromisoformat(raw).isoformat()
         except ValueError:
             raise ConfigurationError(f"FACT_PARTITIONS_START={raw!r} is not an ISO date (YYYY-MM-DD)") from None
+
+    # -- customer exports --------------------------------------------------------------------
+    @property
+    def export_method(self) -> str:
+        return EXPORT_METHODS[self.env]
+
+    @property
+    def export_uri(self) -> str:
+        """Root of the customer exports: a local folder or s3://bucket/prefix (EXPORT_URI)."""
+        default = DEFAULT_EXPORT_URIS[self.env]
+        if default is None:
+            raw = self.get("EXPORT_URI")
+        else:
+            local_dir = self.optional("LOCAL_DIR") or str(REPO_ROOT / ".local")
+            raw = self.optional("EXPORT_URI") or default.format(local_dir=local_dir)
+        if raw.startswith("file://"):
+            raw = raw[len("file://"):]
+        if "://" in raw and not raw.startswith("s3://"):
+            raise ConfigurationError(f"EXPORT_URI={raw!r} must be a local folder or s3://bucket/prefix")
+        if raw.startswith("s3://") and not raw[len("s3://"):].split("/", 1)[0]:
+            raise ConfigurationError(f"EXPORT_URI={raw!r} names no bucket (s3://bucket/prefix)")
+        if self.export_method == "redshift_unload" and not raw.startswith("s3://"):
+            raise ConfigurationError(f"EXPORT_URI={raw!r}: Redshift UNLOAD writes to S3 only (s3://bucket/prefix)")
+        return raw.rstrip("/")
 
     @property
     def max_replica_lag_seconds(self) -> float:

@@ -5,7 +5,8 @@ asks the replica one question for all selected tables: row count and the latest
 watermark (the source's `loaded_at_field`, else `updated_at` when the table has one). The
 data version is a hash of those, so it changes exactly when a table gained, lost or
 changed rows, and only the assets downstream of a changed table go stale. The replica's
-replay lag is recorded with every observation.
+replay lag is recorded with every observation, with whether it exceeds
+MAX_REPLICA_LAG_SECONDS (then the automation holds the marts; see automation.py).
 """
 
 
@@ -17,6 +18,8 @@ from typing import Any
 import dagster as dg
 import psycopg
 from psycopg import sql
+
+from .preflight import CONNECT_TIMEOUT_SECONDS, PreflightError, describe, endpoint_of
 
 FEDERATED_GROUP = "federated"
 
@@ -88,9 +91,13 @@ class ReplicaResource(dg.ConfigurableResource):
 
     def connect(self) -> psycopg.Connection:
         try:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError as exc:
-            raise dg.Failure(f"cannot reach the replica (REPLICA_URL): {_redact(str(exc))}") from None
+            endpoint = endpoint_of("REPLICA_URL", self.url)
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+        except PreflightError as exc:
+            raise dg.Failure(str(exc)) from None
+        except psycopg.Error as exc:
+            # One message naming the setting, the user and host:port; never the password.
+            raise dg.Failure(describe(exc, endpoint), metadata={"replica": str(endpoint)}) from None
         conn.read_only = True
         return conn
 
@@ -101,15 +108,8 @@ class ReplicaResource(dg.ConfigurableResource):
         return float(conn.execute(LAG_QUERY).fetchone()[0])
 
 
-def _redact(message: str) -> str:
-    """psycopg errors can quote the conninfo; never let a password reach the event log."""
-    import re
-
-    return re.sub(r"(password=)\S+", r"\1***", re.sub(r"://([^:/@]+):[^@]+@", r"://\1:***@", message))
-
-
 def build_federated_sources(
-    manifest: Mapping[str, Any], replica_schema: str
+    manifest: Mapping[str, Any], replica_schema: str, max_lag_seconds: float | None = None
 ) -> tuple[dg.AssetsDefinition, list[FederatedTable]]:
     tables = federated_tables(manifest, replica_schema)
     by_key = {t.key: t for t in tables}
@@ -136,16 +136,28 @@ def build_federated_sources(
         selected = [by_key[k] for k in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string())]
         with replica.connect() as conn:
             rows = {r[0]: r[1:] for r in conn.execute(observe_query(selected)).fetchall()}
+        lag = float(next(iter(rows.values()))[2]) if rows else 0.0
+        lagging = max_lag_seconds is not None and lag > max_lag_seconds
+        if lagging:
+            context.log.warning(
+                f"replica replay lag {lag:.1f}s exceeds MAX_REPLICA_LAG_SECONDS={max_lag_seconds:g}: these "
+                "observations come from a lagging replica; check replica_lag fails and automation holds "
+                "the tables downstream until the lag recovers"
+            )
         for t in selected:
-            count, watermark, lag = rows[t.table]
+            count, watermark, _lag = rows[t.table]
+            metadata = {
+                "dagster/row_count": dg.MetadataValue.int(int(count)),
+                "latest_watermark": dg.MetadataValue.text(watermark or "n/a"),
+                "replica_lag_seconds": dg.MetadataValue.float(round(lag, 3)),
+            }
+            if max_lag_seconds is not None:
+                metadata["max_replica_lag_seconds"] = dg.MetadataValue.float(max_lag_seconds)
+                metadata["replica_lag_exceeded"] = dg.MetadataValue.bool(lagging)
             yield dg.ObserveResult(
                 asset_key=t.key,
                 data_version=dg.DataVersion(data_version(count, watermark)),
-                metadata={
-                    "dagster/row_count": dg.MetadataValue.int(int(count)),
-                    "latest_watermark": dg.MetadataValue.text(watermark or "n/a"),
-                    "replica_lag_seconds": dg.MetadataValue.float(round(float(lag), 3)),
-                },
+                metadata=metadata,
             )
 
     return federated_sources, tables

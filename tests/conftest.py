@@ -24,6 +24,30 @@ TEST_SEED = 7
 TEST_DAYS = 30
 
 
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup). Each worker has
+# its own primary + replica (the session fixture below), so a test that stops or pauses the
+# replica only affects its own worker. Tests are distributed a file at a time, and files that
+# share an expensive session fixture travel together, so nothing is built twice.
+SHARED_FIXTURE_GROUPS = {
+    # the dbt scenario's warehouses (tests/dbt/conftest.py: shared_scenario)
+    "tests/dbt/": "dbt-scenario",
+    "tests/reliability/test_zero_downtime.py": "dbt-scenario",
+    "tests/reliability/test_killed_run.py": "dbt-scenario",
+    # one Dagster webserver (tests/platform/conftest.py: platform_webserver)
+    "tests/platform/test_graph.py": "webserver",
+    "tests/platform/test_ui_browser.py": "webserver",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    root = Path(str(config.rootpath))
+    for item in items:
+        path = Path(str(item.path)).relative_to(root).as_posix()
+        group = next((g for prefix, g in SHARED_FIXTURE_GROUPS.items() if path.startswith(prefix)), path)
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -28,6 +28,9 @@ TARGETS = {"duckdb": "local", "pg": "pg"}
 INCREMENTAL_MARTS = {"fct_lesson_events": "event_id", "fct_enrollments": "enrollment_id"}
 # Bookkeeping columns that say how a row was loaded, not what it is.
 LOAD_COLUMNS = {"loaded_by"}
+# Extra rounds of churn after build_3: (simulator seed, fraction of late events).
+CHURN_ROUNDS = ((303, 0.5), (404, 0.1), (505, 0.25))
+CHURN_EVENTS = 700
 TEST_WAREHOUSE_DB = "dbt_test_warehouse"
 
 
@@ -125,8 +128,23 @@ def _create_pg_warehouse(pg_env) -> None:
         conn.execute("grant usage on foreign data wrapper postgres_fdw to warehouse")
 
 
+_BUILT: dict[str, Scenario] = {}
+
+
 @pytest.fixture(scope="session")
 def dbt_scenario(pg_env, tmp_path_factory) -> Scenario:
+    return shared_scenario(pg_env, tmp_path_factory)
+
+
+def shared_scenario(pg_env, tmp_path_factory) -> Scenario:
+    """The scenario, built once per session whichever test package asks for it first
+    (tests/reliability reuses its warehouses)."""
+    if "scenario" not in _BUILT:
+        _BUILT["scenario"] = _build_scenario(pg_env, tmp_path_factory)
+    return _BUILT["scenario"]
+
+
+def _build_scenario(pg_env, tmp_path_factory) -> Scenario:
     started = time.monotonic()
     base = tmp_path_factory.mktemp("dbt")
     _create_pg_warehouse(pg_env)
@@ -194,13 +212,22 @@ def dbt_scenario(pg_env, tmp_path_factory) -> Scenario:
     # test and the unit tests come with them).
     on_both("build_3", "build", "--select", "config.materialized:incremental")
 
-    # 4. The incremental marts as incremental runs left them, then after a full refresh.
+    # 4. Churn: more rounds of random application changes (other seeds, more or fewer late
+    #    events), each followed by the incremental run the orchestrator would make. Cheap:
+    #    `run` of the incremental models only (their tests ran in build_3).
+    for number, (seed, late) in enumerate(CHURN_ROUNDS, start=4):
+        scenario.simulated.append(simulate(pg_env, new_events=CHURN_EVENTS, seed=seed, late_fraction=late))
+        on_both(f"churn_{number}", "run", "--select", "config.materialized:incremental")
+
+    # 5. The incremental marts as incremental runs left them, then after a full refresh.
     for engine in ENGINES:
         wh = scenario.warehouses[engine]
         scenario.incremental[engine] = {
             t: wh.table(t, key, LOAD_COLUMNS) for t, key in INCREMENTAL_MARTS.items()
         }
-    on_both("full_refresh", "run", "--full-refresh", "--select", "config.materialized:incremental")
+    # Everything, not only the incremental models: the warehouses end current and whole, as
+    # tests/reliability expects (readers during a refresh compare states before and after).
+    on_both("full_refresh", "run", "--full-refresh")
     for engine in ENGINES:
         wh = scenario.warehouses[engine]
         scenario.full_refresh[engine] = {

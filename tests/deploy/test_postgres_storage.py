@@ -277,8 +277,3 @@ def test_storage_tables_live_in_their_own_database(pg_env, persisted, storage_da
     with pg_env.cluster.primary.connect(app_db) as conn:
         leaked = {row[0] for row in conn.execute("select tablename from pg_tables")} & STORAGE_TABLES
     assert not leaked, leaked
-
-
-def test_fast_enough(persisted):
-    # Building the platform, observing and one dbt model with its tests.
-    assert persisted.seconds < 60, persisted.seconds

@@ -7,15 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from ..conftest import free_port
-from .conftest import REPO_ROOT, platform_environ, platform_under_test
+from .conftest import REPO_ROOT, platform_under_test
 
 SNAPSHOT = Path(__file__).with_name("asset_graph.snapshot.json")
 DAGSTER = Path(sys.executable).parent / "dagster"
@@ -41,6 +38,19 @@ def test_definitions_validate(local_platform):
         env=local_platform.environ, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # `validate` prints only pass/fail, and the CLI's plain `asset list` leaves external assets
+    # (the dashboards) out; selected by key, the CLI prints those the code location defines
+    # and drops unknown keys.
+    expected = {d.key.to_user_string() for d in local_platform.platform.dashboards}
+    expected.add("exports/company_training_report")
+    assert len(local_platform.platform.dashboards) >= 3
+    listed = subprocess.run(
+        [str(DAGSTER), "asset", "list", "-m", "platform_assets.definitions",
+         "--select", ",".join(sorted(expected | {"dashboards/no_such_dashboard"}))],
+        env=local_platform.environ, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert listed.returncode == 0, listed.stdout[-3000:] + listed.stderr[-3000:]
+    assert set(listed.stdout.split()) == expected, listed.stdout[-3000:]
 
 
 def test_graph_matches_snapshot(local_platform):
@@ -71,41 +81,75 @@ def test_every_dbt_node_and_source_appears_exactly_once(local_platform):
     source_keys = {t.key for t in local_platform.platform.federated_tables}
     assert len(source_keys) == len(manifest["sources"]) == len(local_platform.platform.federated_tables)
     assert source_keys <= keys
-    assert len(keys) == len(nodes) + len(source_keys)
+    # plus the consumers: one asset per dashboard exposure, and the customer export
+    exposures = [e for e in manifest["exposures"].values() if e["type"] == "dashboard"]
+    dashboards = {k for k in keys if k.path[0] == "dashboards"}
+    assert dashboards == {dg.AssetKey(["dashboards", e["name"]]) for e in exposures}
+    assert len(keys) == len(nodes) + len(source_keys) + len(dashboards) + 1
 
 
-def test_webserver_graphql_lists_every_asset_with_its_dependencies(pg_env, local_platform, tmp_path):
-    port = free_port()
-    environ = {**platform_environ(pg_env, tmp_path, "local"), "DAGSTER_HOME": str(local_platform.dagster_home)}
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-webserver"), "-m", "platform_assets.definitions",
-         "-h", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **environ}, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        query = "{ assetNodes { assetKey { path } dependencyKeys { path } } }"
-        deadline = time.monotonic() + 180
-        body = None
-        while time.monotonic() < deadline:
-            try:
-                request = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
-                    headers={"Content-Type": "application/json"},
-                )
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    body = json.loads(response.read())
-                if body.get("data", {}).get("assetNodes"):
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            time.sleep(1)
-        assert body and body.get("data"), body
-        served = {
-            "/".join(n["assetKey"]["path"]): sorted("/".join(d["path"]) for d in n["dependencyKeys"])
-            for n in body["data"]["assetNodes"]
-        }
-        assert served == graph_as_dict(local_platform.defs)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def _exposure_deps(manifest) -> dict[str, list[str]]:
+    """dashboards/<exposure> -> its depends_on as asset keys (<dbt folder>/<model>), from the manifest."""
+    return {
+        f"dashboards/{e['name']}": sorted(
+            "/".join([manifest["nodes"][uid]["fqn"][1], manifest["nodes"][uid]["name"]])
+            for uid in e["depends_on"]["nodes"]
+        )
+        for e in manifest["exposures"].values() if e["type"] == "dashboard"
+    }
+
+
+def test_dashboards_follow_their_exposures(local_platform):
+    manifest = local_platform.platform.manifest
+    graph = local_platform.defs.resolve_asset_graph()
+    assert set(_exposure_deps(manifest)) >= {
+        "dashboards/customer_training_dashboard", "dashboards/revenue_mrr_dashboard",
+        "dashboards/content_engagement_dashboard"}
+    for key_string, deps in _exposure_deps(manifest).items():
+        key = dg.AssetKey.from_user_string(key_string)
+        node = graph.get(key)
+        exposure = manifest["exposures"][f"exposure.reporting.{key.path[-1]}"]
+        assert sorted(p.to_user_string() for p in node.parent_keys) == deps
+        assert node.group_name == "dashboards" and "metabase" in node.kinds
+        assert node.owners == [exposure["owner"]["email"]]
+        assert exposure["url"] and exposure["maturity"]
+        # No looser than any mart it reads, looking through the views in between.
+        marts, queue = set(), list(node.parent_keys)
+        while queue:
+            parent = graph.get(queue.pop())
+            if parent.is_virtual:
+                queue.extend(parent.parent_keys)
+            elif parent.key.path[0] == "marts":
+                marts.add(parent.key)
+        assert marts, key_string
+        policy = node.freshness_policy
+        for mart in marts:
+            upstream = graph.get(mart).freshness_policy
+            assert policy.fail_window.to_timedelta() <= upstream.fail_window.to_timedelta(), (key_string, mart)
+            assert policy.warn_window.to_timedelta() <= upstream.warn_window.to_timedelta(), (key_string, mart)
+        assert any(policy.fail_window == graph.get(m).freshness_policy.fail_window for m in marts)
+
+
+def test_export_asset_is_partitioned_by_company(local_platform):
+    graph = local_platform.defs.resolve_asset_graph()
+    node = graph.get(dg.AssetKey(["exports", "company_training_report"]))
+    assert node.group_name == "exports"
+    assert node.partitions_def.name == "companies"
+    assert {p.to_user_string() for p in node.parent_keys} == {
+        "marts/fct_enrollments", "marts/dim_companies", "marts/dim_courses"}
+    assert local_platform.defs.resolve_sensor_def("company_partitions").default_status.value == "RUNNING"
+
+
+def test_webserver_graphql_lists_every_asset_with_its_dependencies(platform_webserver, local_platform):
+    body = platform_webserver.graphql("{ assetNodes { assetKey { path } dependencyKeys { path } } }")
+    assert body and body.get("data"), body
+    served = {
+        "/".join(n["assetKey"]["path"]): sorted("/".join(d["path"]) for d in n["dependencyKeys"])
+        for n in body["data"]["assetNodes"]
+    }
+    assert served == graph_as_dict(local_platform.defs)
+    # The dashboards are served with the marts (and views over them) they read.
+    for key_string, deps in _exposure_deps(local_platform.platform.manifest).items():
+        assert served[key_string] == deps, key_string
+    assert "marts/fct_daily_learning_activity" in served["dashboards/customer_training_dashboard"]
+    assert "marts/fct_subscription_mrr" in served["dashboards/revenue_mrr_dashboard"]

@@ -73,6 +73,66 @@ def test_everything_materialized_and_every_check_passes(built):
     assert not not_passed, not_passed
 
 
+def _warehouse_rows(put, sql: str) -> list[tuple]:
+    if put.platform.settings.engine == "duckdb":
+        import duckdb
+
+        con = duckdb.connect(put.environ["DUCKDB_PATH"], read_only=True)
+        try:
+            return con.execute(sql).fetchall()
+        finally:
+            con.close()
+    import psycopg
+
+    with psycopg.connect(put.environ["WAREHOUSE_PG_URL"]) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_every_company_is_exported_with_the_marts_rows(built):
+    """run_all synced the `companies` partitions and exported them all in one run."""
+    from pathlib import Path
+
+    import duckdb
+
+    from platform_assets.exports import COMPANIES, DATA_AS_OF, EXPORT_KEY, REPORT_NAME
+
+    companies = sorted(r[0] for r in _warehouse_rows(built, "select company_id from marts.dim_companies"))
+    per_company = dict(_warehouse_rows(
+        built, "select company_id, count(*) from marts.fct_enrollments group by company_id"))
+    assert len(companies) >= 5 and sum(per_company.values()) > 0
+    keys = built.instance.get_dynamic_partitions(COMPANIES.name)
+    assert sorted(int(k) for k in keys) == companies
+    assert built.instance.get_materialized_partitions(EXPORT_KEY) == set(keys)
+    event = built.instance.get_latest_materialization_event(EXPORT_KEY)
+    meta = event.asset_materialization.metadata
+    as_of = dt.datetime.fromtimestamp(meta[DATA_AS_OF].value, dt.UTC).replace(tzinfo=None)
+    assert meta["rows_by_company"].value == {str(c): per_company.get(c, 0) for c in companies}
+
+    root = Path(built.platform.settings.export_uri)
+    written = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert written == sorted(f"company_id={c}/{REPORT_NAME}.{ext}" for c in companies for ext in ("csv", "parquet"))
+    con = duckdb.connect()
+    try:
+        for company in companies:
+            for ext in ("parquet", "csv"):
+                path = str(root / f"company_id={company}" / f"{REPORT_NAME}.{ext}")
+                n, ids, stamps = con.execute(
+                    f"select count(*), list(distinct cast(company_id as bigint)), "
+                    f"list(distinct cast({DATA_AS_OF} as timestamp)) from '{path}'").fetchone()
+                assert n == per_company.get(company, 0), (company, ext)
+                assert ids in ([company], [], None), (company, ext)
+                assert all(abs((s - as_of).total_seconds()) < 1 for s in stamps or []), (company, ext)
+    finally:
+        con.close()
+
+    # The dashboards were recorded as refreshed, from exactly the marts they read.
+    for dashboard in built.platform.dashboards:
+        record = built.instance.get_latest_materialization_event(dashboard.key)
+        assert record is not None, dashboard.key
+        inputs = record.asset_materialization.metadata["inputs_built_at"].value
+        assert sorted(inputs) == sorted(k.to_user_string() for k in dashboard.marts)
+
+
 def test_automation_follows_changed_sources(built, pg_env):
     first = dg.evaluate_automation_conditions(defs=built.defs, instance=built.instance)
     # Re-observing unchanged sources gives the same data versions and requests nothing.

@@ -70,3 +70,50 @@ def test_window_vars_and_args():
 def test_layer_of():
     assert layer_of({"resource_type": "model", "fqn": ["reporting", "marts", "fct_x"]}) == "marts"
     assert layer_of({"resource_type": "snapshot", "fqn": ["reporting", "snapshots", "users_snapshot"]}) == "snapshots"
+
+
+def test_passwords_reach_dbt_as_secret_variables_too():
+    """dbt scrubs the values of DBT_ENV_SECRET_* variables from its logs (federation DDL)."""
+    environ = {"PLATFORM_ENV": "pg", "PLATFORM_ENV_FILE": "/nonexistent", "REPLICA_PASSWORD": "r-secret",
+               "WAREHOUSE_PG_PASSWORD": "w-secret", "REPLICA_URL": "postgresql://u:r-secret@h:1/db"}
+    secret_env = load_settings(environ).dbt_secret_env()
+    assert secret_env == {"DBT_ENV_SECRET_REPLICA_PASSWORD": "r-secret",
+                          "DBT_ENV_SECRET_WAREHOUSE_PG_PASSWORD": "w-secret"}
+
+
+def test_connection_errors_name_the_setting_never_the_password():
+    import psycopg
+
+    from platform_assets.preflight import PreflightError, describe, endpoint_of, redact
+
+    url = "postgresql://federation_ro:s3cr3t@127.0.0.1:5999/saas"
+    endpoint = endpoint_of("REPLICA_URL", url)
+    assert str(endpoint) == "127.0.0.1:5999" and endpoint.user == "federation_ro"
+    auth = psycopg.OperationalError('connection to server at "127.0.0.1", port 5999 failed: '
+                                    'FATAL:  password authentication failed for user "federation_ro"')
+    assert describe(auth, endpoint) == (
+        "REPLICA_URL: password authentication failed for user federation_ro at 127.0.0.1:5999")
+    refused = psycopg.OperationalError(f"connection failed: {url} password=s3cr3t Connection refused")
+    assert "s3cr3t" not in describe(refused, endpoint) and "connection refused" in describe(refused, endpoint)
+    assert redact(f"at {url} and host=h password='s3cr3t' user=u") == (
+        "at postgresql://federation_ro:***@127.0.0.1:5999/saas and host=h password=*** user=u")
+    with pytest.raises(PreflightError, match="REPLICA_URL: not a valid PostgreSQL connection URL"):
+        endpoint_of("REPLICA_URL", "postgresql://[broken")
+
+
+def test_a_failure_names_the_sources_the_failing_models_read():
+    from platform_assets.preflight import source_labels, source_tables_read
+
+    manifest = {
+        "sources": {"source.r.app.courses": {
+            "resource_type": "source", "source_name": "app", "name": "courses", "schema": "app",
+            "meta": {"dagster": {"asset_key": ["federated", "courses"]}}}},
+        "nodes": {
+            "model.r.stg": {"resource_type": "model", "name": "stg", "depends_on": {"nodes": ["source.r.app.courses"]}},
+            "model.r.int": {"resource_type": "model", "name": "int", "depends_on": {"nodes": ["model.r.stg"]}},
+            "model.r.dim": {"resource_type": "model", "name": "dim", "depends_on": {"nodes": ["model.r.int"]}},
+        },
+    }
+    found = source_tables_read(manifest, ["model.r.dim"])
+    assert found == ["source.r.app.courses"]
+    assert source_labels(manifest, found) == ["federated/courses (app.courses on the replica)"]

@@ -61,9 +61,11 @@
   {% set actions = [] %}
   {% if found == 0 %}
     {% do _federation_query("load postgres_scanner") %}
+    {#- The password is not in this (logged) statement: it comes from the DuckDB secret
+        `federation_replica` that profiles.yml defines (created unlogged by dbt-duckdb). -#}
     {% do _federation_query(
         "attach " ~ sql_literal(replica_libpq_dsn()) ~ " as " ~ adapter.quote(alias)
-        ~ " (type postgres, read_only)") %}
+        ~ " (type postgres, read_only, secret " ~ duckdb_replica_secret() ~ ")") %}
     {% do actions.append("attached the replica read-only as catalog " ~ alias) %}
   {% endif %}
   {% do adapter.commit() %}
@@ -72,11 +74,18 @@
 {% endmacro %}
 
 
-{#- libpq key/value connection string for the read-only role (values quoted for libpq). -#}
+{#- Name of the DuckDB secret (profiles.yml, target local) holding the read-only role's
+    password. -#}
+{% macro duckdb_replica_secret() %}{{ return('federation_replica') }}{% endmacro %}
+
+
+{#- libpq key/value connection string for the read-only role (values quoted for libpq),
+    without the password: that comes from the DuckDB secret, so it never appears in logged
+    SQL, in dbt's logs or in a DuckDB connection error (which quotes this string). -#}
 {% macro replica_libpq_dsn() %}
   {% set parts = [] %}
   {% for key, name in [('host', 'REPLICA_HOST'), ('port', 'REPLICA_PORT'), ('dbname', 'REPLICA_DB'),
-                       ('user', 'REPLICA_USER'), ('password', 'REPLICA_PASSWORD')] %}
+                       ('user', 'REPLICA_USER')] %}
     {% set value = env_var(name) | replace("\\", "\\\\") | replace("'", "\\'") %}
     {% do parts.append(key ~ "='" ~ value ~ "'") %}
   {% endfor %}
@@ -89,7 +98,11 @@
   environment, `make up`; postgres_fdw is not a trusted extension). Converges, in one
   transaction under an advisory lock (two dbt processes may start at once):
     - server `replica` (host, port, dbname, fetch_size, use_remote_estimate, updatable=false)
-    - the current role's user mapping (the read-only role's user and password)
+    - the current role's user mapping (the read-only role's user and password). Its DDL
+      necessarily carries the password; dbt scrubs the value of every DBT_ENV_SECRET_*
+      variable from its logs, and the platform sets DBT_ENV_SECRET_REPLICA_PASSWORD for dbt
+      (settings.py; `make up` writes it to platform.env for the CLI), so the logged
+      statement shows ***** instead.
     - schema `federated`: exactly the replica schema's tables, as foreign tables. Which
       tables and columns the replica has is read through one helper foreign table over
       its information_schema.columns (schema `federated_catalog`); missing tables are

@@ -270,6 +270,30 @@ class LocalCluster:
                     )
                 time.sleep(0.05)
 
+    def pause_replay(self) -> None:
+        """Stop applying WAL on the replica (it keeps receiving it): replay lag grows."""
+        with self.replica.connect() as conn:
+            conn.execute("select pg_wal_replay_pause()")
+
+    def resume_replay(self) -> None:
+        with self.replica.connect() as conn:
+            conn.execute("select pg_wal_replay_resume()")
+
+    def replay_lag_seconds(self) -> float:
+        """Seconds since the last replayed transaction while WAL is waiting; 0 when caught up."""
+        with self.replica.connect() as conn:
+            return float(conn.execute(
+                "select case when pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() then 0"
+                " else coalesce(extract(epoch from now() - pg_last_xact_replay_timestamp()), 0) end::float8"
+            ).fetchone()[0])
+
+    def restart(self, server: Server) -> float:
+        """Start a stopped server and wait until it accepts connections; returns the seconds taken."""
+        started = time.monotonic()
+        self.start(server)
+        self.wait_ready(server)
+        return time.monotonic() - started
+
     def status(self) -> dict:
         """Both servers' state and the replica's replay lag in bytes and seconds."""
         result: dict = {}

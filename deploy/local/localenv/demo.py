@@ -7,7 +7,10 @@ the automation conditions (cursor kept in DAGSTER_HOME) and run only what they r
 
 First run order: observe the federated sources; build every model that does not read the daily
 facts (staging views, dimensions, snapshots...); build the daily facts over the whole data
-range as one run (one dbt invocation); build what reads the facts.
+range as one run (one dbt invocation); build what reads the facts; then the consumers: the
+`companies` partitions are synced with the warehouse (what the company_partitions sensor does)
+and every company is exported in one run; the dashboards are recorded as refreshed (what the
+dashboard_refresh sensor does).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -50,6 +54,7 @@ class Runner:
         self.global_job = self.defs.resolve_implicit_global_asset_job_def()
         self.daily_keys = set(platform.dbt_daily_facts.keys)
         self.source_keys = {t.key for t in platform.federated_tables}
+        self.export_keys = set(platform.exports.asset.keys)
         self.all_keys = {k for k in self.graph.get_all_asset_keys() if self.graph.get(k).is_materializable}
         self.materialized: set[dg.AssetKey] = set()
 
@@ -77,6 +82,33 @@ class Runner:
     def subset(self, label: str, keys: set[dg.AssetKey]) -> None:
         self.run(label, self.global_job.get_subset(asset_selection=keys))
 
+    def exports(self, keys: list[str], label: str = "customer exports") -> None:
+        """Export these companies (partition keys, in partition order) in one run."""
+        from platform_assets.exports import EXPORTS_JOB, range_tags
+
+        if keys:
+            self.run(f"{label} ({len(keys)} companies)", self.defs.resolve_job_def(EXPORTS_JOB),
+                     tags=range_tags(keys))
+
+    def sync_companies(self) -> tuple[list[str], list[str]]:
+        """What the company_partitions sensor does: partitions = the warehouse's companies."""
+        from platform_assets.exports import sync_partitions, warehouse_company_ids
+
+        wanted = warehouse_company_ids(self.platform.settings, self.platform.exports.relations)
+        add, delete = sync_partitions(self.instance, wanted)
+        self.progress(f"  company partitions: {len(wanted)} companies, {len(add)} added, {len(delete)} removed")
+        return add, delete
+
+    def record_dashboards(self) -> None:
+        """What the dashboard_refresh sensor does: dashboards whose marts were all rebuilt."""
+        from platform_assets.exposures import dashboard_refreshes
+
+        events = dashboard_refreshes(self.instance, self.platform.dashboards)
+        for event in events:
+            self.instance.report_runless_asset_event(event)
+        if events:
+            self.progress(f"  dashboards refreshed: {', '.join(e.asset_key.path[-1] for e in events)}")
+
     def never_materialized(self) -> set[dg.AssetKey]:
         return {k for k in self.all_keys if self.instance.get_latest_materialization_event(k) is None}
 
@@ -87,8 +119,10 @@ def run_all(platform, instance: dg.DagsterInstance, progress=print) -> dict:
     r = Runner(platform, instance, progress)
     # Everything not downstream of the daily facts goes first (the facts' relationship tests
     # read the dimensions), then the facts, then what reads them.
-    after_daily = dg.AssetSelection.assets(*r.daily_keys).downstream().resolve(r.graph) - r.daily_keys
-    before_daily = r.all_keys - after_daily - r.daily_keys - r.source_keys
+    # (materializable ones only: the dashboards below the facts are external assets)
+    after_daily = (dg.AssetSelection.assets(*r.daily_keys).downstream().resolve(r.graph) & r.all_keys) - r.daily_keys
+    before_daily = r.all_keys - after_daily - r.daily_keys - r.source_keys - r.export_keys
+    after_daily -= r.export_keys
     r.observe()
     # Every partition from the first one (days without events are empty, and cost nothing:
     # the whole range is one statement), so no partition is left missing.
@@ -102,6 +136,10 @@ def run_all(platform, instance: dg.DagsterInstance, progress=print) -> dict:
         r.subset("staging, dimensions, snapshots", before_daily)
     r.daily(f"daily facts {start}..{last}", start, last)
     r.subset("marts and views over the facts", after_daily)
+    # The consumers: every company's export in one run, and the dashboards over the marts.
+    r.sync_companies()
+    r.exports(instance.get_dynamic_partitions(platform.exports.asset.partitions_def.name))
+    r.record_dashboards()
     return {"materialized": r.materialized, "expected": r.all_keys, "seconds": time.monotonic() - started}
 
 
@@ -121,13 +159,23 @@ def refresh(platform, instance: dg.DagsterInstance, cursor, progress=print, max_
         if not requested:
             break
         progress(f"  automation requests: {', '.join(sorted(k.to_user_string() for k in requested))}")
-        others = requested - r.daily_keys
+        others = requested - r.daily_keys - r.export_keys
         if others:
             r.subset("requested models", others)
         for key in requested & r.daily_keys:
             partitions = sorted(p for p in result.get_requested_partitions(key) if p)
             if partitions:
                 r.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1])
+    # New companies get their export at once (the company_partitions sensor); a changed mart
+    # reaches every export on the nightly schedule, which the demo does right away.
+    added, _ = r.sync_companies()
+    export_inputs = {dep.asset_key for dep in platform.exports.asset.specs_by_key[next(iter(r.export_keys))].deps}
+    if r.materialized & export_inputs:
+        r.exports(instance.get_dynamic_partitions(platform.exports.asset.partitions_def.name),
+                  "customer exports (inputs changed)")
+    else:
+        r.exports(added, "customer exports (new companies)")
+    r.record_dashboards()
     return {"materialized": r.materialized, "expected": r.all_keys, "seconds": time.monotonic() - started,
             "cursor": cursor}
 
@@ -144,10 +192,45 @@ def mart_row_counts(instance: dg.DagsterInstance, keys) -> dict[str, int | None]
     return counts
 
 
+def print_consumers(platform, instance: dg.DagsterInstance) -> None:
+    """Where the customer exports are, and what each dashboard reads."""
+    exports = platform.exports
+    companies = instance.get_dynamic_partitions(exports.asset.partitions_def.name)
+    key = next(iter(exports.asset.keys))
+    done = instance.get_materialized_partitions(key)
+    root = platform.settings.export_uri
+    print(f"\ncustomer exports: {len(done & set(companies))} of {len(companies)} companies exported "
+          f"(Parquet + CSV) under {root}/company_id=<id>/")
+    if companies:
+        first = companies[0]
+        print(f"  e.g. {root}/company_id={first}/training_report.parquet  and  .../training_report.csv")
+    event = instance.get_latest_materialization_event(key)
+    meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    if "data_as_of" in meta:
+        as_of = datetime.fromtimestamp(meta["data_as_of"].value, UTC).isoformat(timespec="seconds")
+        print(f"  data as of {as_of} (column data_as_of; Parquet key/value metadata data_as_of)")
+    print("\ndashboards (dbt exposures, Metabase; they read the reporting views and marts):")
+    for d in platform.dashboards:
+        state = "refreshed" if instance.get_latest_materialization_event(d.key) else "inputs not built yet"
+        print(f"  {d.key.to_user_string():<45} <- {', '.join(k.to_user_string() for k in d.deps)}  ({state})")
+
+
 def main() -> int:
     from dagster_shared.serdes import deserialize_value, serialize_value
 
-    from platform_assets.definitions import platform
+    from platform_assets.preflight import preflight
+    from platform_assets.settings import ConfigurationError
+
+    # Bad configuration (unknown PLATFORM_ENV, a missing variable, a wrong password, a
+    # replica that does not answer) stops here with one line naming the setting, before
+    # anything is created.
+    try:
+        from platform_assets.definitions import platform
+
+        preflight(platform.settings)
+    except ConfigurationError as exc:
+        print(f"demo not started: {exc}", file=sys.stderr)
+        return 2
 
     settings = platform.settings
     instance = dg.DagsterInstance.get()
@@ -174,8 +257,13 @@ def main() -> int:
     print("\nrow counts of the marts and reporting views:")
     for key, n in mart_row_counts(instance, summary["expected"]).items():
         print(f"  {key:<45} {n if n is not None else '(view)':>12}")
+    print_consumers(platform, instance)
     print("\nopen the lineage UI:  make ui   ->  http://127.0.0.1:3000/asset-groups"
-          "\n  (Assets > Global asset lineage: federated sources -> staging -> marts -> reporting views)")
+          "\n  (Assets > Global asset lineage: federated sources -> staging -> marts -> reporting views"
+          " -> dashboards and exports)"
+          "\n  groups `dashboards` (one asset per dbt exposure, kind metabase) and `exports`"
+          " (exports/company_training_report, one partition per company):"
+          "\n  http://127.0.0.1:3000/asset-groups/dashboards  and  http://127.0.0.1:3000/asset-groups/exports")
     return 1 if missing else 0
 
 

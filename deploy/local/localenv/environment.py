@@ -82,6 +82,11 @@ class LocalEnvironment:
             "WAREHOUSE_PG_PASSWORD": wh,
             "DUCKDB_PATH": str(self.settings.local_dir / "warehouse.duckdb"),
             "LOCAL_DIR": str(self.settings.local_dir),
+            # dbt replaces these values by ***** in its logs (the pg target's user mapping DDL
+            # carries the replica password); the platform sets them itself too (settings.py),
+            # this is for dbt run from the shell (`make dbt-build`).
+            "DBT_ENV_SECRET_REPLICA_PASSWORD": ro,
+            "DBT_ENV_SECRET_WAREHOUSE_PG_PASSWORD": wh,
         }
 
     def write_env_file(self, values: dict[str, str]) -> None:

@@ -191,11 +191,20 @@ def build(con: duckdb.DuckDBPyConnection, *, events: int, seed: int, end: dateti
                 ELSE enrolled_at END AS updated_at
     FROM placed
     """)
-    con.execute("""
+    con.execute(f"""
     CREATE OR REPLACE TABLE enrollment_pick AS
-    SELECT row_number() OVER (ORDER BY e.enrollment_id) - 1 AS idx, e.enrollment_id, e.user_id,
-           e.course_id, epoch_us(e.enrolled_at) AS lo, s.first_lesson, s.n_lessons
-    FROM enrollments e JOIN course_shape s USING (course_id)
+    -- Activity happens between enrolment and the end of the period, or the user's soft
+    -- deletion: a deleted user produces no events afterwards (the dbt test
+    -- not_after_soft_delete watches for it), and one deleted before enrolling none at all.
+    WITH bounded AS (
+        SELECT e.enrollment_id, e.user_id, e.course_id, epoch_us(e.enrolled_at) AS lo,
+               least({end_us}, coalesce(epoch_us(u.deleted_at), {end_us})) AS hi,
+               s.first_lesson, s.n_lessons
+        FROM enrollments e JOIN course_shape s USING (course_id) JOIN users u USING (user_id)
+    )
+    SELECT row_number() OVER (ORDER BY enrollment_id) - 1 AS idx, enrollment_id, user_id,
+           course_id, lo, hi, first_lesson, n_lessons
+    FROM bounded WHERE hi > lo
     """)
     n_enrollments = con.execute("SELECT count(*) FROM enrollment_pick").fetchone()[0]
     # Lesson events: activity is skewed towards a minority of enrollments (pow), spread from
@@ -210,7 +219,7 @@ def build(con: duckdb.DuckDBPyConnection, *, events: int, seed: int, end: dateti
         SELECT p.event_id, e.user_id,
                e.first_lesson + (r(p.event_id, 'ev.lesson') * e.n_lessons)::BIGINT % e.n_lessons AS lesson_id,
                r(p.event_id, 'ev.type') AS rt,
-               e.lo + r(p.event_id, 'ev.at') * ({end_us} - e.lo) AS received_us,
+               e.lo + r(p.event_id, 'ev.at') * (e.hi - e.lo) AS received_us,
                r(p.event_id, 'ev.late') AS rl
         FROM picks p JOIN enrollment_pick e USING (idx)
     )
@@ -232,7 +241,7 @@ def build(con: duckdb.DuckDBPyConnection, *, events: int, seed: int, end: dateti
     SELECT p.attempt_id, e.user_id,
            e.first_lesson + 5 * (1 + (r(p.attempt_id, 'q.quiz') * (e.n_lessons // 5))::BIGINT % (e.n_lessons // 5)) - 1 AS lesson_id,
            round(100 * pow(r(p.attempt_id, 'q.score'), 0.6), 2)::DECIMAL(5, 2) AS score,
-           ts(e.lo + r(p.attempt_id, 'q.at') * ({end_us} - e.lo)) AS attempted_at
+           ts(e.lo + r(p.attempt_id, 'q.at') * (e.hi - e.lo)) AS attempted_at
     FROM picks p JOIN enrollment_pick e USING (idx)
     """)
     con.execute("""

@@ -1,0 +1,7 @@
+"""`python -m bench` (what `make bench` runs)."""
+
+import sys
+
+from .benchmark import main
+
+sys.exit(main())

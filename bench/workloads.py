@@ -1,0 +1,406 @@
+"""The measured flows, each repeated: (a) every asset through Dagster on DuckDB, (b) plain
+`dbt build`, (c) the raw floor, (d) an incremental refresh through Dagster after a change
+batch, (e) (a) on PostgreSQL. Every repetition of (a), (b), (c) and (e) starts from an empty
+warehouse and (a)/(e) from an empty Dagster instance, so each one is a full refresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_dbt import build_dbt_asset_selection
+from filelock import Timeout
+from localenv.demo import Runner
+from localenv.simulator import simulate
+
+from platform_assets.assembly import Platform, build_platform
+from platform_assets.dbt_assets import build_args
+from platform_assets.settings import DBT_PROJECT_DIR, REPO_ROOT, load_settings
+
+from . import dbtlog, floor
+from .environment import BenchSource
+from .probe import Repetition, measure, summary
+
+STAGES = ("a", "b", "c", "d", "e")
+PG_WAREHOUSE_DB = "bench_warehouse"
+
+
+@dataclass
+class BenchConfig:
+    work_dir: Path
+    repetitions: int = 3
+    pg_repetitions: int = 1
+    incremental_fraction: float = 0.01
+    stages: tuple[str, ...] = STAGES
+    # dbt selection syntax (BENCH_SELECT): every stage measures only these models; None = all
+    select: str | None = None
+    progress: Any = print
+
+
+@dataclass
+class Results:
+    measurements: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def environ(overrides: dict[str, str]) -> Iterator[None]:
+    """os.environ with these values for a block (dbt subprocesses and EnvVar resources read it)."""
+    saved = dict(os.environ)
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def median_nodes(reps: list[Repetition]) -> dict[str, float]:
+    """Median seconds per dbt node over the repetitions that ran it."""
+    seen: dict[str, list[float]] = {}
+    for rep in reps:
+        for uid, s in rep.detail.get("node_seconds", {}).items():
+            seen.setdefault(uid, []).append(s)
+    return {uid: round(statistics.median(v), 4) for uid, v in sorted(seen.items())}
+
+
+def _record(results: Results, key: str, label: str, reps: list[Repetition], rows: int) -> dict:
+    entry = {"label": label, **summary(reps, rows), "node_seconds": median_nodes(reps),
+             "per_repetition": [{"seconds": round(r.seconds, 3), "peak_rss_bytes": r.peak_rss_bytes,
+                                 **{k: v for k, v in r.detail.items() if k != "node_seconds"}} for r in reps]}
+    results.measurements[key] = entry
+    return entry
+
+
+def _run_results(target_dir: Path, log: Path) -> dict[str, Any]:
+    data = json.loads((target_dir / "run_results.json").read_text())
+    return {"elapsed_s": data.get("elapsed_time", 0.0), "phases": dbtlog.phases(log),
+            "node_seconds": {r["unique_id"]: r["execution_time"] for r in data["results"]},
+            "failed": [r["unique_id"] for r in data["results"] if r["status"] in ("error", "fail")]}
+
+
+def _add_phases(into: dict[str, Any], phases: dict[str, Any]) -> None:
+    """Per-invocation dbt start-up + parse and execution seconds, summed over invocations."""
+    into["dbt_full_parses"] = into.get("dbt_full_parses", 0) + int(bool(phases.get("full_parse")))
+    for key in ("parse_s", "execute_s"):
+        into[f"dbt_{key}"] = round(into.get(f"dbt_{key}", 0.0) + phases.get(key, 0.0), 3)
+
+
+def dagster_run_artifacts(platform: Platform, instance: dg.DagsterInstance) -> dict[str, Any]:
+    """dbt's run_results of every run in the instance, merged; the run folders are removed
+    afterwards (the benchmark's runs only: they are named after the run ids)."""
+    runs_dir = Path(platform.project.project_dir) / platform.project.target_path / "runs"
+    merged: dict[str, Any] = {"dbt_invocations": 0, "dbt_elapsed_s": 0.0, "node_seconds": {}, "failed": []}
+    for run in instance.get_runs():
+        for folder in sorted(runs_dir.glob(f"*-{run.run_id[:7]}-*")):
+            if (folder / "run_results.json").exists():
+                rr = _run_results(folder, folder / "dbt.log")
+                _add_phases(merged, rr["phases"])
+                merged["dbt_invocations"] += 1
+                merged["dbt_elapsed_s"] += rr["elapsed_s"]
+                merged["node_seconds"].update(rr["node_seconds"])
+                merged["failed"] += rr["failed"]
+            shutil.rmtree(folder, ignore_errors=True)
+    merged["dbt_elapsed_s"] = round(merged["dbt_elapsed_s"], 3)
+    return merged
+
+
+def dbt_keys(platform: Platform, select: str | None = None) -> set[dg.AssetKey]:
+    """The assets `dbt build [--select select]` builds: the models and snapshots of the three
+    dbt asset sets (those the selection names)."""
+    sets = (platform.dbt_models, platform.dbt_daily_facts, platform.dbt_snapshots)
+    keys = {key for assets_def in sets for key in assets_def.keys}
+    if select:
+        graph = platform.defs.resolve_asset_graph()
+        keys &= {key for assets_def in sets
+                 for key in build_dbt_asset_selection([assets_def], dbt_select=select).resolve(graph)}
+        if not keys:
+            raise ValueError(f"BENCH_SELECT={select!r} selects no dbt model")
+    return keys
+
+
+def full_refresh(platform: Platform, instance: dg.DagsterInstance, progress,
+                 select: str | None = None) -> dict[str, Any]:
+    """localenv.demo.run_all's runs, limited to the dbt assets (the selection plain dbt builds;
+    assets outside dbt are not part of the seed's flow): observe the sources; everything
+    not downstream of the daily facts; the facts over every partition in one run; the rest."""
+    r = Runner(platform, instance, progress)
+    keys = dbt_keys(platform, select)
+    after_daily = (dg.AssetSelection.assets(*r.daily_keys).downstream().resolve(r.graph) & keys) - r.daily_keys
+    before_daily = keys - after_daily - r.daily_keys
+    r.observe()
+    partitions = platform.dbt_daily_facts.partitions_def.get_partition_keys()
+    # As in run_all: tests whose parents are in two runs wait for the second one.
+    if before_daily:
+        with environ({"DBT_INDIRECT_SELECTION": "cautious"}):
+            r.subset("staging, dimensions, snapshots", before_daily)
+    if r.daily_keys & keys:
+        r.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1])
+    if after_daily:
+        r.subset("marts and views over the facts", after_daily)
+    return {"materialized": r.materialized & keys, "expected": keys}
+
+
+def refresh(platform: Platform, instance: dg.DagsterInstance, cursor, progress, max_ticks: int = 3,
+            select: str | None = None) -> dict:
+    """localenv.demo.refresh (observe, evaluate the automation conditions, run what they
+    request, until nothing more is requested), limited to the dbt assets."""
+    r = Runner(platform, instance, progress)
+    keys = dbt_keys(platform, select)
+    r.observe()
+    for _ in range(max_ticks):
+        result = dg.evaluate_automation_conditions(defs=r.defs, instance=instance, cursor=cursor)
+        cursor = result.cursor
+        requested = {x.key for x in result.results
+                     if x.true_subset.size > 0 and isinstance(x.key, dg.AssetKey)} & keys
+        if not requested:
+            break
+        if requested - r.daily_keys:
+            r.subset("requested models", requested - r.daily_keys)
+        for key in requested & r.daily_keys:
+            partitions = sorted(p for p in result.get_requested_partitions(key) if p)
+            if partitions:
+                r.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1])
+    return {"materialized": r.materialized, "cursor": cursor}
+
+
+def _new_instance(home: Path) -> dg.DagsterInstance:
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    (home / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
+    with environ({"DAGSTER_HOME": str(home)}):
+        return dg.DagsterInstance.get()
+
+
+class Bench:
+    def __init__(self, source: BenchSource, config: BenchConfig):
+        self.source, self.config, self.results = source, config, Results()
+        self.work = config.work_dir
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.say = config.progress
+        self.rows = source.source_events()
+        # The daily partitions start where the data starts, as a deployment of this dataset
+        # would set FACT_PARTITIONS_START (the default start is for the demo's calendar):
+        # empty partitions before the first event would only add orchestration work.
+        with source.primary() as conn:
+            first_day = conn.execute("select min(occurred_at)::date from app.lesson_events").fetchone()[0]
+        self.partitions_start = os.environ.get("FACT_PARTITIONS_START") or first_day.isoformat()
+
+    @contextmanager
+    def captured(self) -> Iterator[None]:
+        """dbt's and Dagster's console output go to work/bench.log, not between the results."""
+        with open(self.work / "bench.log", "a") as log, redirect_stdout(log), redirect_stderr(log):
+            yield
+
+    # -- environments ---------------------------------------------------------------------
+    def platform_environ(self, env: str, folder: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+        folder.mkdir(parents=True, exist_ok=True)
+        # A slice of the graph: only the tests whose parents are all in it (a relationship
+        # test towards a model outside the slice would find no table).
+        cautious = {"DBT_INDIRECT_SELECTION": "cautious"} if self.config.select else {}
+        return {**self.source.values, **cautious, "PLATFORM_ENV": env,
+                "FACT_PARTITIONS_START": self.partitions_start,
+                "PLATFORM_ENV_FILE": str(folder / "no-platform.env"),  # never .local/platform.env
+                "DUCKDB_PATH": str(folder / "warehouse.duckdb"), **(extra or {})}
+
+    def _load_platform(self, env: str) -> Platform:
+        t0 = time.perf_counter()
+        for attempt in range(3):
+            try:
+                with self.captured():
+                    platform = build_platform(load_settings())
+                break
+            except Timeout:
+                # Another process holds the manifest's preparation lock (it re-parses the
+                # project after an edit): wait for it rather than fail the whole benchmark.
+                if attempt == 2:
+                    raise
+                self.say("  the dbt manifest is being prepared by another process: waiting")
+        self.results.extra.setdefault("platform_load_s", {})[env] = round(time.perf_counter() - t0, 3)
+        return platform
+
+    # -- (b) plain dbt build and (c) the raw floor ----------------------------------------------
+    def dbt_build(self) -> Path:
+        folder = self.work / "dbt"
+        target = folder / "target"
+        duckdb_path = folder / "warehouse.duckdb"
+        env = {**os.environ, **self.platform_environ("local", folder)}
+        cmd = [str(Path(sys.executable).parent / "dbt"), *build_args("build"), "--target", "local",
+               "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR),
+               "--target-path", str(target), "--log-path", str(folder / "logs"),
+               *(["--select", self.config.select] if self.config.select else [])]
+
+        def once() -> dict[str, Any]:
+            duckdb_path.unlink(missing_ok=True)
+            Path(f"{duckdb_path}.wal").unlink(missing_ok=True)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=DBT_PROJECT_DIR)
+            if proc.returncode != 0:
+                raise RuntimeError(f"dbt build failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
+            rr = _run_results(target, folder / "logs" / "dbt.log")
+            out = {"dbt_invocations": 1, "dbt_elapsed_s": round(rr["elapsed_s"], 3),
+                   "node_seconds": rr["node_seconds"], "failed": rr["failed"]}
+            _add_phases(out, rr["phases"])
+            return out
+
+        reps = self._repeat("b", "plain dbt build (local)", once, self.config.repetitions)
+        _record(self.results, "b", "plain `dbt build`, DuckDB", reps, self.rows)
+        return target
+
+    def raw_floor(self, dbt_target: Path) -> None:
+        steps = floor.plan(dbt_target)
+        path = self.work / "floor" / "warehouse.duckdb"
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def once() -> dict[str, Any]:
+            path.unlink(missing_ok=True)
+            Path(f"{path}.wal").unlink(missing_ok=True)
+            out = floor.run(steps, path, self.source.values)
+            return {"node_seconds": out["node_seconds"], "models_s": round(out["models_s"], 3),
+                    "tests_s": round(out["tests_s"], 3), "test_failures": out["test_failures"]}
+
+        reps = self._repeat("c", "raw floor (compiled SQL on DuckDB)", once, self.config.repetitions)
+        entry = _record(self.results, "c", "raw floor: compiled SQL on DuckDB", reps, self.rows)
+        entry["statements"] = len(steps)
+
+    # -- (a) + (d) on DuckDB, (e) on PostgreSQL -----------------------------------------------
+    def dagster_local(self) -> None:
+        folder = self.work / "dagster-local"
+        with environ(self.platform_environ("local", folder)):
+            platform = self._load_platform("local")
+            duckdb_path = folder / "warehouse.duckdb"
+
+            def reset() -> None:
+                duckdb_path.unlink(missing_ok=True)
+                Path(f"{duckdb_path}.wal").unlink(missing_ok=True)
+
+            instance = self._full_refreshes("a", "Dagster full refresh (local)", platform, folder, reset,
+                                            self.config.repetitions)
+            try:
+                if "d" in self.config.stages:
+                    self.incremental(platform, instance)
+            finally:
+                instance.dispose()
+
+    def dagster_pg(self) -> None:
+        folder = self.work / "dagster-pg"
+        extra = self.source.fresh_pg_warehouse(PG_WAREHOUSE_DB)
+        with environ(self.platform_environ("pg", folder, extra)):
+            platform = self._load_platform("pg")
+            instance = self._full_refreshes(
+                "e", "Dagster full refresh (pg)", platform, folder,
+                lambda: self.source.fresh_pg_warehouse(PG_WAREHOUSE_DB), self.config.pg_repetitions)
+            instance.dispose()
+
+    def _full_refreshes(self, key: str, label: str, platform: Platform, folder: Path, reset,
+                        repetitions: int) -> dg.DagsterInstance:
+        """Repetitions of run_all, each on an empty warehouse and instance; the last
+        instance is returned (open) for the incremental stage."""
+        instances: list[dg.DagsterInstance] = []
+
+        def once() -> dict[str, Any]:
+            if instances:
+                instances.pop().dispose()
+            reset()
+            instance = _new_instance(folder / "dagster-home")
+            instances.append(instance)
+            with environ({"DAGSTER_HOME": str(folder / "dagster-home")}), self.captured():
+                summary_ = full_refresh(platform, instance, progress=lambda m: self.say(f"    {m.strip()}"),
+                                        select=self.config.select)
+            missing = summary_["expected"] - summary_["materialized"]
+            if missing:
+                raise RuntimeError(f"{label}: not materialized: {sorted(k.to_user_string() for k in missing)}")
+            return {"assets_materialized": len(summary_["materialized"]),
+                    "dagster_runs": len(instance.get_runs()), **dagster_run_artifacts(platform, instance)}
+
+        reps = self._repeat(key, label, once, repetitions)
+        engine = "DuckDB" if key == "a" else "PostgreSQL"
+        _record(self.results, key, f"every asset through Dagster, {engine}", reps, self.rows)
+        return instances[-1]
+
+    def incremental(self, platform: Platform, instance: dg.DagsterInstance) -> None:
+        """(d): a change batch of ~1% new events plus updates on the primary, replayed on the
+        replica (not timed), then what the automation sensors do (timed)."""
+        new_events = max(1, round(self.source.events * self.config.incremental_fraction))
+        cursor = dg.evaluate_automation_conditions(defs=platform.defs, instance=instance).cursor
+        with self.source.primary() as conn:
+            first_new_id = conn.execute("select coalesce(max(event_id), 0) + 1 from app.lesson_events").fetchone()[0]
+        state = {"cursor": cursor, "seed": 0}
+
+        def once() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            with self.source.primary() as conn:
+                changes = simulate(conn, new_events=new_events, seed=1000 + state["seed"])
+            self.source.local.cluster.wait_for_replay(timeout=600)
+            change_s = time.perf_counter() - t0
+            state["seed"] += 1
+            before = {r.run_id for r in instance.get_runs()}
+            return {"change_batch": changes, "change_batch_s": round(change_s, 3), "_before": before}
+
+        reps: list[Repetition] = []
+        try:
+            for i in range(self.config.repetitions):
+                prep = once()  # the change batch is not part of the measurement
+                before = prep.pop("_before")
+                with environ({"DAGSTER_HOME": str(instance.root_directory)}), self.captured():
+                    rep = measure(lambda: refresh(platform, instance, state["cursor"],
+                                                  progress=lambda m: self.say(f"    {m.strip()}"),
+                                                  select=self.config.select))
+                state["cursor"] = rep.detail.pop("cursor")
+                materialized = sorted(k.to_user_string() for k in rep.detail.pop("materialized"))
+                new_runs = [r for r in instance.get_runs() if r.run_id not in before]
+                artifacts = dagster_run_artifacts(platform, instance)
+                rep.detail.update(prep, materialized=materialized, dagster_runs=len(new_runs), **artifacts)
+                self.say(f"  (d) repetition {i + 1}: {rep.seconds:.1f}s, {len(materialized)} assets refreshed"
+                         f" after {prep['change_batch']['lesson_events_inserted']:,} new events")
+                reps.append(rep)
+        finally:
+            # Keep the scale: the benchmark's own new events leave the source again.
+            with self.source.primary() as conn:
+                conn.execute("delete from app.lesson_events where event_id >= %s", (first_new_id,))
+            self.source.local.cluster.wait_for_replay(timeout=600)
+        entry = _record(self.results, "d", "incremental refresh through Dagster after ~1% new events",
+                        reps, new_events)
+        entry["new_events_per_batch"] = new_events
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _repeat(self, key: str, label: str, fn, repetitions: int) -> list[Repetition]:
+        reps = []
+        for i in range(repetitions):
+            rep = measure(fn)
+            self.say(f"  ({key}) {label}, repetition {i + 1}/{repetitions}: {rep.seconds:.1f}s, "
+                     f"peak RSS {rep.peak_rss_bytes / 2**20:,.0f} MiB")
+            reps.append(rep)
+        return reps
+
+    def _stage(self, name: str, fn, *args):
+        """A failed stage is recorded (and reported) without losing the others' results."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - reported in the results, never swallowed silently
+            self.results.extra.setdefault("errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:2000]}"
+            self.say(f"  stage {name} FAILED: {type(exc).__name__}: {str(exc)[:500]}")
+            return None
+
+    def run(self) -> Results:
+        stages = self.config.stages
+        if "b" in stages or "c" in stages:
+            target = self._stage("b", self.dbt_build)
+            if "c" in stages and target is not None:
+                self._stage("c", self.raw_floor, target)
+        if "a" in stages:
+            self._stage("a", self.dagster_local)
+        if "e" in stages:
+            self._stage("e", self.dagster_pg)
+        return self.results
