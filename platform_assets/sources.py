@@ -101,11 +101,9 @@ class ReplicaResource(dg.ConfigurableResource):
         conn.read_only = True
         return conn
 
-    def replay_lag_seconds(self, conn: psycopg.Connection | None = None) -> float:
-        if conn is None:
-            with self.connect() as own:
-                return float(own.execute(LAG_QUERY).fetchone()[0])
-        return float(conn.execute(LAG_QUERY).fetchone()[0])
+    def replay_lag_seconds(self) -> float:
+        with self.connect() as conn:
+            return float(conn.execute(LAG_QUERY).fetchone()[0])
 
 
 def build_federated_sources(

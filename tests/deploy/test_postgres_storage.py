@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,7 +64,6 @@ class Persisted:
     observed_versions: dict[dg.AssetKey, str]
     dbt_run_id: str
     dim_date_storage_id: int
-    seconds: float
 
 
 @contextmanager
@@ -117,7 +115,6 @@ def persisted(pg_env, storage_database, tmp_path_factory) -> Iterator[Persisted]
         # platform issue; this test is about the storage.)
         "DBT_INDIRECT_SELECTION": "cautious",
     }
-    started = time.monotonic()
     with mock.patch.dict(os.environ, environ):
         platform = build_platform(load_settings())
         writer = dg.DagsterInstance.from_config(str(home))
@@ -143,7 +140,6 @@ def persisted(pg_env, storage_database, tmp_path_factory) -> Iterator[Persisted]
             platform=platform, home=home, environ=dict(os.environ),
             observe_run_id=observe.run_id, observed_versions=observed,
             dbt_run_id=dbt_run.run_id, dim_date_storage_id=record.storage_id,
-            seconds=time.monotonic() - started,
         )
 
 
