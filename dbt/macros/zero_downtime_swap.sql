@@ -14,14 +14,15 @@
   Here, dropping a `__dbt_backup` first re-points every view that depends on it to the
   relation that replaced it (`create or replace view` with the view's own definition, the
   backup's name replaced by the live name), in the same transaction as the drop: a view
-  keeps its oid, grants and dependants, and reads the old data until the commit and the new
-  data after it. Locks are taken view by view, then the backup, so a reader (view first,
-  then tables) cannot deadlock with it. One such transaction at a time (advisory lock):
-  two threads swapping two marts under one view must not redefine it from stale text. The
-  surviving views are re-added to dbt's relation cache (which dropped them with the backup,
-  cascade), so dbt later replaces them as existing views. Should a view no longer fit the new relation (a
-  column it reads was removed or changed type), it is left to the cascade and rebuilt by
-  dbt later in the same run: the only case with a short gap, and only for that view.
+  keeps its oid, grants and dependants, and reads the old data until the commit and the
+  new data after it. Every view is locked before any table (then the backup), the order a
+  reader takes (view first, then tables), so a reader cannot deadlock with it. One such
+  transaction at a time (advisory lock): two threads swapping two marts under one view
+  must not redefine it from stale text. The surviving views are re-added to dbt's relation
+  cache (which dropped them with the backup, cascade), so dbt later replaces them as
+  existing views. Should a view no longer fit the new relation (a column it reads was
+  removed or changed type), it is left to the cascade and rebuilt by dbt later in the same
+  run: the only case with a short gap, and only for that view.
 
   Redshift needs none of this: its views over marts are late-binding (bind: false).
   DuckDB has a single writer per file (see README, "Readers during a refresh").
@@ -100,11 +101,13 @@ do $repoint$
 declare
   dependant record;
   definition text;
+  dependants oid[];
 begin
   if to_regclass({{ _zd_literal(backup.include(database=False).render()) }}) is null then
     return;
   end if;
-  for dependant in
+  select coalesce(array_agg(oid order by view_schema, view_name), '{}') into dependants
+  from (
     select distinct v.oid, n.nspname as view_schema, v.relname as view_name
     from pg_depend d
     join pg_rewrite r on r.oid = d.objid
@@ -115,7 +118,38 @@ begin
       and d.refobjid = to_regclass({{ _zd_literal(backup.include(database=False).render()) }})
       and v.oid <> d.refobjid
       and v.relkind = 'v'
-    order by n.nspname, v.relname
+  ) direct;
+  -- Lock order: every view first, before any table. A reader locks a view, then the tables
+  -- under it; `create or replace view` would lock the tables first (parsing the new
+  -- definition), then the view. Taken in that order, a reader holding the view and queued
+  -- behind another thread's rename of a mart (which waits for our share lock on that mart)
+  -- closes a cycle: the deadlock detector then aborts the re-pointing, and the cascade drops
+  -- the view (seen in CI: 15 failed reads of rpt_company_training_overview).
+  -- Not `lock table`: on a view it also locks every relation the view reads, in the same
+  -- mode (PostgreSQL 11+), which deadlocks with readers of the other views all the same.
+  -- A change of owner to the current owner takes the view's own lock only, and changes nothing.
+  for dependant in
+    select c.oid, n.nspname as view_schema, c.relname as view_name,
+           pg_get_userbyid(c.relowner) as view_owner
+    from unnest(dependants) with ordinality as u(oid, position)
+    join pg_class c on c.oid = u.oid
+    join pg_namespace n on n.oid = c.relnamespace
+    order by u.position
+  loop
+    begin
+      execute format('alter view %I.%I owner to %I',
+                     dependant.view_schema, dependant.view_name, dependant.view_owner);
+    exception when insufficient_privilege then
+      -- not ours to lock: not ours to re-point either (the replace below fails the same way)
+      null;
+    end;
+  end loop;
+  for dependant in
+    select c.oid, n.nspname as view_schema, c.relname as view_name
+    from unnest(dependants) with ordinality as u(oid, position)
+    join pg_class c on c.oid = u.oid
+    join pg_namespace n on n.oid = c.relnamespace
+    order by u.position
   loop
     definition := regexp_replace(
       pg_get_viewdef(dependant.oid),

@@ -29,7 +29,7 @@ def test_readers_see_no_gap_during_a_full_refresh_on_pg(dbt_scenario, pg_env):
     assert {r.split(".")[0] for r in columns} == {"marts", "reporting"}
     assert all(count > 0 for count, _ in before.values()), before
 
-    readers = ReaderLoop(url, columns, threads=2).start()
+    readers = ReaderLoop(url, columns, threads=4).start()
     time.sleep(0.5)  # readers are going before the refresh starts
     try:
         result = runner("run", "--full-refresh", check=False)
