@@ -267,7 +267,8 @@ class Bench:
             path.unlink(missing_ok=True)
             Path(f"{path}.wal").unlink(missing_ok=True)
             out = floor.run(steps, path, self.source.values)
-            return {"node_seconds": out["node_seconds"], "models_s": round(out["models_s"], 3),
+            return {"node_seconds": out["node_seconds"], "threads": out["threads"],
+                    "models_s": round(out["models_s"], 3),
                     "tests_s": round(out["tests_s"], 3), "test_failures": out["test_failures"]}
 
         reps = self._repeat("c", "raw floor (compiled SQL on DuckDB)", once, self.config.repetitions)

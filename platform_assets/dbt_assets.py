@@ -3,8 +3,10 @@
 Three asset sets, split by selector (STYLE.md):
 - the unpartitioned models (staging views, dimensions, tables, reporting views);
 - the daily-partitioned incremental facts: a run (one day or a whole backfill range, single
-  run) hands its partition window to dbt as `window_start`/`window_end` vars, so any range is
-  one dbt invocation and one statement per model;
+  run) hands its partition window to dbt (PLATFORM_WINDOW_START/_END in the environment of
+  the dbt process: the same window as the `window_start`/`window_end` vars, without
+  throwing dbt's parse state away), so any range is one dbt invocation and one statement
+  per model;
 - the snapshots (SCD2 history).
 All three write the warehouse, so they share the `warehouse` pool (one at a time locally:
 a DuckDB file has a single writer).
@@ -12,9 +14,12 @@ a DuckDB file has a single writer).
 
 
 import json
+import os
 import re
 import sys
+import threading
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from importlib import metadata
 from pathlib import Path
@@ -64,8 +69,41 @@ def layer_of(props: Mapping[str, Any]) -> str:
 
 
 def window_vars(start: datetime, end: datetime) -> dict[str, str]:
-    """dbt vars for a partition window (end exclusive)."""
+    """dbt vars for a partition window (end exclusive), as `dbt ... --vars` takes them."""
     return {"window_start": start.strftime("%Y-%m-%d %H:%M:%S"), "window_end": end.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def window_env(start: datetime, end: datetime) -> dict[str, str]:
+    """The same window as environment variables of the dbt process (macros/incremental.sql).
+
+    dbt discards its whole parse state when --vars differ from the last invocation's, so a
+    window in --vars meant a full parse of the project on every partition run (seconds);
+    a changed environment variable re-parses only the models that read it."""
+    vars_ = window_vars(start, end)
+    return {"PLATFORM_WINDOW_START": vars_["window_start"], "PLATFORM_WINDOW_END": vars_["window_end"]}
+
+
+_ENVIRON_LOCK = threading.Lock()
+
+
+@contextmanager
+def dbt_process_environment(extra: Mapping[str, str] | None) -> Iterator[None]:
+    """os.environ plus `extra` while dagster-dbt starts the dbt process (it hands the process
+    a copy of os.environ); the previous values are back as soon as the process has started."""
+    if not extra:
+        yield
+        return
+    with _ENVIRON_LOCK:
+        saved = {name: os.environ.get(name) for name in extra}
+        os.environ.update(extra)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def build_args(command: str, vars_: Mapping[str, str] | None = None) -> list[str]:
@@ -149,14 +187,16 @@ def freshness_policy_for(props: Mapping[str, Any]) -> dg.FreshnessPolicy:
 
 # -- metadata after a run ---------------------------------------------------------------------
 def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.AssetExecutionContext,
-         settings: PlatformSettings):
-    """One dbt invocation in a run folder seeded with a warm parse state (dbt_project.py)."""
+         settings: PlatformSettings, env: Mapping[str, str] | None = None):
+    """One dbt invocation in a run folder seeded with a warm parse state (dbt_project.py),
+    with `env` added to the dbt process's environment."""
     _preflight(context, settings)  # before anything is created, even the run folder
     _skip_version_probe(dbt)
     target = run_target_path(project, context.op_execution_context.op.name, context.run.run_id)
     cache = partial_parse_cache(project, args)
     seed_partial_parse(cache, target)
-    invocation = dbt.cli(args, context=context, target_path=target)
+    with dbt_process_environment(env):
+        invocation = dbt.cli(args, context=context, target_path=target)
     yield from _explain_replica_failure(_stream(invocation, context, settings), invocation, context, settings)
     keep_partial_parse(target, cache)
 
@@ -333,12 +373,13 @@ def build_dbt_assets(project: DbtProject, settings: PlatformSettings,
     def dbt_daily_facts(context: dg.AssetExecutionContext, dbt: DbtCliResource):
         if context.has_partition_key_range:
             window = context.partition_time_window
-            context.log.info(f"dbt window [{window.start}, {window.end}) for {context.partition_key_range}")
-            args = build_args("build", window_vars(window.start, window.end))
+            env = window_env(window.start, window.end)
+            context.log.info(f"dbt window [{window.start}, {window.end}) for {context.partition_key_range}: "
+                             + ", ".join(f"{k}={v}" for k, v in env.items()))
         else:
             # A run of the checks alone (no asset selected) has no partition: tests only.
-            args = build_args("build")
-        yield from _dbt(dbt, project, args, context, settings)
+            env = None
+        yield from _dbt(dbt, project, build_args("build"), context, settings, env=env)
 
     @dbt_assets(
         manifest=manifest,

@@ -4,24 +4,34 @@
   - window mode: vars `window_start` and `window_end` (ISO dates or timestamps, UTC, end
     exclusive) given together: the run (re)processes exactly the rows whose event time is in
     [window_start, window_end), in one statement, and touches nothing outside it. This is
-    what the orchestrator's daily partitions (and backfills of any length) use.
+    what the orchestrator's daily partitions (and backfills of any length) use; it passes the
+    window in the environment instead (PLATFORM_WINDOW_START / PLATFORM_WINDOW_END, read
+    when no window var is given): dbt throws its whole parse state away whenever --vars
+    change, while a changed environment variable only re-parses the models that read it.
   - watermark mode: no window, incremental run: rows received since the last watermark,
     minus a small lookback (transactions commit out of order; re-reading the lookback is
     harmless because the strategy replaces rows by unique key).
   - full refresh (or first build without a window): everything.
 -#}
 
-{#- The window from the vars as {'start': 'YYYY-MM-DD HH:MM:SS', 'end': ...}, or none. -#}
+{#- The window from the vars (or, without them, from PLATFORM_WINDOW_START/_END) as
+    {'start': 'YYYY-MM-DD HH:MM:SS', 'end': ...}, or none. -#}
 {% macro event_window() %}
   {% set raw_start = var('window_start', none) %}
   {% set raw_end = var('window_end', none) %}
+  {% set given_as = 'vars window_start and window_end' %}
+  {% if raw_start is none and raw_end is none %}
+    {% set raw_start = env_var('PLATFORM_WINDOW_START', '') | trim or none %}
+    {% set raw_end = env_var('PLATFORM_WINDOW_END', '') | trim or none %}
+    {% set given_as = 'PLATFORM_WINDOW_START and PLATFORM_WINDOW_END' %}
+  {% endif %}
   {% if raw_start is none and raw_end is none %}
     {{ return(none) }}
   {% endif %}
   {% if raw_start is none or raw_end is none %}
     {{ exceptions.raise_compiler_error(
-        "give both vars window_start and window_end (end exclusive), or neither; got window_start="
-        ~ raw_start ~ ", window_end=" ~ raw_end) }}
+        "give both " ~ given_as ~ " (end exclusive), or neither; got start="
+        ~ raw_start ~ ", end=" ~ raw_end) }}
   {% endif %}
   {% set start = _parse_window_bound('window_start', raw_start) %}
   {% set end = _parse_window_bound('window_end', raw_end) %}

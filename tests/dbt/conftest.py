@@ -162,13 +162,17 @@ def _build_scenario(pg_env, tmp_path_factory) -> Scenario:
         warehouses={e: Warehouse(e, envs[e], pg_env) for e in ENGINES},
     )
 
-    def on_both(step: str, *args: str, target_dir: str = "target") -> None:
-        """Run one dbt command on both engines at once; record results and checksums."""
+    def on_both(step: str, *args: str, target_dir: str = "target",
+                engine_args: dict[str, tuple[str, ...]] | None = None,
+                engine_env: dict[str, dict[str, str]] | None = None) -> None:
+        """Run one dbt command on both engines at once (plus, per engine, `engine_args` and
+        `engine_env`); record results and checksums."""
         before = pg_env.checksums()
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=2) as pool:
             futures = {
-                e: pool.submit(runners[e], *args, check=False, target_dir=target_dir)
+                e: pool.submit(runners[e], *args, *(engine_args or {}).get(e, ()), check=False,
+                               target_dir=target_dir, extra_env=(engine_env or {}).get(e))
                 for e in ENGINES
             }
             scenario.steps[step] = {e: f.result() for e, f in futures.items()}
@@ -197,9 +201,12 @@ def _build_scenario(pg_env, tmp_path_factory) -> Scenario:
         "window_end": (today - timedelta(days=2)).isoformat(),
     }
     before_window = {e: _fact_rows(scenario.warehouses[e]) for e in ENGINES}
-    window_vars = json.dumps(scenario.window)  # as the orchestrator passes them
-    on_both("window", "run", "--select", "fct_lesson_events", "--vars", window_vars,
-            target_dir="target-window")
+    # The two ways of giving the window: on pg as --vars (a data engineer's backfill from the
+    # dbt CLI), on DuckDB in the environment (as the orchestrator's daily runs pass it).
+    on_both("window", "run", "--select", "fct_lesson_events", target_dir="target-window",
+            engine_args={"pg": ("--vars", json.dumps(scenario.window))},
+            engine_env={"duckdb": {"PLATFORM_WINDOW_START": scenario.window["window_start"],
+                                   "PLATFORM_WINDOW_END": scenario.window["window_end"]}})
     with pg_env.replica() as conn:
         in_window = replica_event_ids(conn, scenario.window["window_start"], scenario.window["window_end"])
     for engine in ENGINES:

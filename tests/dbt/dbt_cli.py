@@ -43,9 +43,11 @@ class DbtRunner:
     env: dict[str, str]
     work_dir: Path
 
-    def __call__(self, *args: str, check: bool = True, target_dir: str = "target") -> DbtResult:
-        """Run dbt. `target_dir` names the target folder: dbt re-parses the whole project
-        whenever --vars change, so runs with other vars keep their own parse cache."""
+    def __call__(self, *args: str, check: bool = True, target_dir: str = "target",
+                 extra_env: dict[str, str] | None = None) -> DbtResult:
+        """Run dbt, with `extra_env` added to its environment. `target_dir` names the target
+        folder: dbt re-parses the whole project whenever --vars change, so runs with other
+        vars keep their own parse cache."""
         target_path = self.work_dir / target_dir
         cmd = [
             str(DBT), *args,
@@ -59,7 +61,8 @@ class DbtRunner:
         results_file.unlink(missing_ok=True)
         started = time.monotonic()
         proc = subprocess.run(
-            cmd, env=self.env, cwd=self.work_dir, capture_output=True, text=True, timeout=600
+            cmd, env={**self.env, **(extra_env or {})}, cwd=self.work_dir, capture_output=True, text=True,
+            timeout=600,
         )
         result = DbtResult(
             args=list(args), returncode=proc.returncode, output=proc.stdout + proc.stderr,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 
 import pytest
 
-from platform_assets.dbt_assets import build_args, layer_of, window_vars
+from platform_assets.dbt_assets import build_args, dbt_process_environment, layer_of, window_env, window_vars
 from platform_assets.settings import (
     DBT_TARGETS,
     ENGINES,
@@ -65,6 +66,18 @@ def test_window_vars_and_args():
         "build", "--exclude-resource-type", "unit_test",
         "--vars", '{"window_end": "2026-01-04 00:00:00", "window_start": "2026-01-01 00:00:00"}',
     ]
+    # what the daily facts' runs pass instead: the same window, in the dbt process's environment
+    assert window_env(datetime(2026, 1, 1), datetime(2026, 1, 4)) == {
+        "PLATFORM_WINDOW_START": "2026-01-01 00:00:00", "PLATFORM_WINDOW_END": "2026-01-04 00:00:00"}
+
+
+def test_dbt_process_environment_is_restored(monkeypatch):
+    monkeypatch.setenv("PLATFORM_WINDOW_END", "before")
+    monkeypatch.delenv("PLATFORM_WINDOW_START", raising=False)
+    with dbt_process_environment({"PLATFORM_WINDOW_START": "a", "PLATFORM_WINDOW_END": "b"}):
+        assert (os.environ["PLATFORM_WINDOW_START"], os.environ["PLATFORM_WINDOW_END"]) == ("a", "b")
+    assert "PLATFORM_WINDOW_START" not in os.environ
+    assert os.environ["PLATFORM_WINDOW_END"] == "before"
 
 
 def test_layer_of():
