@@ -83,13 +83,14 @@ def window_env(start: datetime, end: datetime) -> dict[str, str]:
     return {"PLATFORM_WINDOW_START": vars_["window_start"], "PLATFORM_WINDOW_END": vars_["window_end"]}
 
 
-_ENVIRON_LOCK = threading.Lock()
+_ENVIRON_LOCK = threading.RLock()  # re-entrant: a block may start runs that start dbt
 
 
 @contextmanager
 def dbt_process_environment(extra: Mapping[str, str] | None) -> Iterator[None]:
-    """os.environ plus `extra` while dagster-dbt starts the dbt process (it hands the process
-    a copy of os.environ); the previous values are back as soon as the process has started."""
+    """os.environ plus `extra` for a block: around dagster-dbt starting a dbt process (it hands
+    the process a copy of os.environ), or around runs whose dbt processes all need it. The
+    previous values are back at the end of the block."""
     if not extra:
         yield
         return
@@ -193,7 +194,7 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
     _preflight(context, settings)  # before anything is created, even the run folder
     _skip_version_probe(dbt)
     target = run_target_path(project, context.op_execution_context.op.name, context.run.run_id)
-    cache = partial_parse_cache(project, args)
+    cache = partial_parse_cache(project)
     seed_partial_parse(cache, target)
     with dbt_process_environment(env):
         invocation = dbt.cli(args, context=context, target_path=target)

@@ -10,7 +10,6 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 from dagster_dbt import DbtProject
@@ -57,9 +56,8 @@ def manifest_is_stale(project: DbtProject) -> bool:
 # environment parses into. dbt then re-parses the whole project on every run (5-10 s), also
 # because it throws the parse state away when the profile (e.g. DUCKDB_PATH) or the --vars
 # differ from the ones it was saved with. So each run folder is seeded from, and after the run
-# gives back, the state of the last invocation with the same kind of command line. (The
-# daily facts' partition window is passed in the environment, not in --vars, for the same
-# reason: see dbt_assets.window_env.)
+# gives back, the state of the last invocation. (The daily facts' partition window is passed
+# in the environment, not in --vars, for the same reason: see dbt_assets.window_env.)
 PARTIAL_PARSE = "partial_parse.msgpack"
 
 
@@ -69,14 +67,10 @@ def run_target_path(project: DbtProject, op_name: str, run_id: str) -> Path:
     return Path(project.project_dir) / project.target_path / "runs" / name
 
 
-def partial_parse_cache(project: DbtProject, args: Sequence[str]) -> Path:
-    """Where the parse state for this kind of command line is kept between invocations.
-
-    One slot for invocations without --vars (every run the platform makes), one for the
-    last command line with --vars: dbt would discard the first one's state for it.
-    """
-    base = Path(project.project_dir) / project.target_path
-    return base / (PARTIAL_PARSE if "--vars" not in args else "partial_parse.window.msgpack")
+def partial_parse_cache(project: DbtProject) -> Path:
+    """Where the parse state is kept between invocations. Every run the platform makes has
+    the same command-line vars (none: the daily window is in the environment), so one slot."""
+    return Path(project.project_dir) / project.target_path / PARTIAL_PARSE
 
 
 def seed_partial_parse(cache: Path, target: Path) -> None:

@@ -30,13 +30,19 @@ def _with_password(url: str, password: str, new: str) -> str:
     return url.replace(f":{password}@", f":{new}@")
 
 
-def _run_failing(put, changes: dict[str, str | None], runner=run_assets) -> tuple[str, float]:
+def _environ_with(changes: dict[str, str | None]) -> dict[str, str]:
+    """os.environ with these variables set, or removed where the value is None."""
     environ = dict(os.environ)
     for name, value in changes.items():
         if value is None:
             environ.pop(name, None)
         else:
             environ[name] = value
+    return environ
+
+
+def _run_failing(put, changes: dict[str, str | None], runner=run_assets) -> tuple[str, float]:
+    environ = _environ_with(changes)
     with mock.patch.dict(os.environ, environ, clear=True):
         started = time.monotonic()
         result = runner(put)
@@ -73,12 +79,7 @@ THROUGH_DAGSTER = ("missing REPLICA_URL", "wrong password in REPLICA_URL", "unre
 
 
 def _preflight_message(changes: dict[str, str | None], env: str) -> tuple[str, float]:
-    environ = dict(os.environ)
-    for name, value in changes.items():
-        if value is None:
-            environ.pop(name, None)
-        else:
-            environ[name] = value
+    environ = _environ_with(changes)
     started = time.monotonic()
     with pytest.raises(ConfigurationError) as failed:
         preflight(load_settings({**environ, "PLATFORM_ENV": env}))

@@ -15,10 +15,8 @@ dashboard_refresh sensor does).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,18 +28,11 @@ PARTITION_RANGE_END = "dagster/asset_partition_range_end"
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
-@contextmanager
 def _indirect_selection(mode: str):
     """DBT_INDIRECT_SELECTION (read by dagster-dbt at each dbt invocation) for a block."""
-    previous = os.environ.get("DBT_INDIRECT_SELECTION")
-    os.environ["DBT_INDIRECT_SELECTION"] = mode
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("DBT_INDIRECT_SELECTION", None)
-        else:
-            os.environ["DBT_INDIRECT_SELECTION"] = previous
+    from platform_assets.dbt_assets import dbt_process_environment
+
+    return dbt_process_environment({"DBT_INDIRECT_SELECTION": mode})
 
 
 class Runner:
