@@ -7,12 +7,10 @@ Tests build one per engine; `platform_assets/definitions.py` builds the one that
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import dagster as dg
-from dagster_dbt import DbtCliResource, DbtProject
+from dagster_dbt import DbtProject
 
 from .automation import (
     automation_sensors,
@@ -23,17 +21,11 @@ from .automation import (
 from .checks import build_source_checks, replica_lag_check_keys
 from .dbt_assets import SIZING, WAREHOUSE_POOL, PlatformTranslator, build_dbt_assets
 from .dbt_project import dbt_project_for
+from .dbt_resource import PlatformDbtResource, dbt_executable
 from .exports import Exports, build_exports
 from .exposures import Dashboard, dashboard_refresh_sensor, dashboard_specs, dashboards_from_manifest
 from .settings import PlatformSettings
 from .sources import FederatedTable, ReplicaResource, build_federated_sources
-
-
-def _dbt_executable() -> str:
-    # The dbt next to this interpreter: a Dagster process started as .venv/bin/dagster
-    # without the venv on PATH would not find `dbt` otherwise.
-    candidate = Path(sys.executable).parent / "dbt"
-    return str(candidate) if candidate.exists() else "dbt"
 
 
 @dataclass(frozen=True)
@@ -91,6 +83,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
         description="Every unpartitioned dbt model (and its tests).",
     )
 
+    warm_start = settings.dbt_warm_start
     defs = dg.Definitions(
         assets=[federated_sources, dbt_models, dbt_daily_facts, dbt_snapshots, exports.asset,
                 *dashboard_specs(dashboards)],
@@ -112,11 +105,13 @@ def build_platform(settings: PlatformSettings) -> Platform:
             dashboard_refresh_sensor(dashboards),
         ],
         resources={
-            "dbt": DbtCliResource(
+            "dbt": PlatformDbtResource(
                 project_dir=dbt_project,
                 profiles_dir=str(dbt_project.profiles_dir),
                 target=settings.dbt_target,
-                dbt_executable=_dbt_executable(),
+                dbt_executable=dbt_executable(warm_start),
+                warm_start=warm_start,
+                adapter_in_dagster=settings.engine != "duckdb",
             ),
             # EnvVar: the URL (with its password) is never shown in the UI or stored with a run.
             "replica": ReplicaResource(url=dg.EnvVar("REPLICA_URL")),

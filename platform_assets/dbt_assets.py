@@ -16,13 +16,10 @@ a DuckDB file has a single writer).
 import json
 import os
 import re
-import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -34,7 +31,6 @@ from dagster_dbt import (
     dbt_assets,
 )
 from dagster_dbt.errors import DagsterDbtCliRuntimeError
-from packaging import version
 
 from .automation import automation_for
 from .dbt_project import keep_partial_parse, partial_parse_cache, run_target_path, seed_partial_parse
@@ -192,7 +188,6 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
     """One dbt invocation in a run folder seeded with a warm parse state (dbt_project.py),
     with `env` added to the dbt process's environment."""
     _preflight(context, settings)  # before anything is created, even the run folder
-    _skip_version_probe(dbt)
     target = run_target_path(project, context.op_execution_context.op.name, context.run.run_id)
     cache = partial_parse_cache(project)
     seed_partial_parse(cache, target)
@@ -232,16 +227,6 @@ def _explain_replica_failure(events: Iterator, invocation, context: dg.AssetExec
             raise
         context.log.error(message)
         raise dg.Failure(description=message, metadata={"dbt_error": redact(str(exc))[:2000]}) from None
-
-
-def _skip_version_probe(dbt: DbtCliResource) -> None:
-    """dagster-dbt learns the dbt version by running `dbt --version` once per resource
-    instance, i.e. once per run: a second process that imports all of dbt (seconds). When the
-    executable is this environment's own dbt, its version is the installed dbt-core's, so it is
-    filled into the resource's cache instead (only ever the version dagster-dbt would read)."""
-    if "_cli_version" in dbt.__dict__ or Path(dbt.dbt_executable).parent != Path(sys.executable).parent:
-        return
-    dbt.__dict__["_cli_version"] = version.parse(metadata.version("dbt-core"))
 
 
 def _stream(invocation, context: dg.AssetExecutionContext, settings: PlatformSettings):

@@ -170,6 +170,15 @@ class PlatformSettings:
             raise ConfigurationError(f"MAX_REPLICA_LAG_SECONDS={raw!r} is not a number") from None
 
 
+    @property
+    def dbt_warm_start(self) -> bool:
+        """Whether dbt commands fork from a warm dbt process (platform_assets/dbt_warm.py)."""
+        raw = self.optional("DBT_WARM_START", "1").strip().lower()
+        if raw not in ("0", "1", "true", "false", "yes", "no"):
+            raise ConfigurationError(f"DBT_WARM_START={raw!r}: use 1 (default) or 0")
+        return raw in ("1", "true", "yes")
+
+
 def load_settings(environ: dict[str, str] | None = None) -> PlatformSettings:
     environ = dict(os.environ if environ is None else environ)
     env = environ.get("PLATFORM_ENV") or "local"

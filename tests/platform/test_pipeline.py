@@ -14,6 +14,8 @@ from dagster._core.workspace.load_target import ModuleTarget
 from dagster._daemon.freshness import FreshnessDaemon
 from localenv.demo import run_all
 
+from platform_assets import dbt_warm
+
 from .conftest import REPO_ROOT, platform_under_test
 
 # What the simulator touches, and what it leaves alone (localenv/simulator.py).
@@ -71,6 +73,20 @@ def test_everything_materialized_and_every_check_passes(built):
         or not r.event.dagster_event.event_specific_data.passed
     }
     assert not not_passed, not_passed
+
+
+def test_dbt_commands_go_through_the_warm_server(built):
+    """The runs' dbt commands went to the warm dbt client, and this process's server (started
+    by the dbt resource) is up (tests/platform/test_dbt_warm.py: the client forks from it)."""
+    client = dbt_warm.client_executable()
+    commands = [
+        record.user_message
+        for run in built.instance.get_runs()
+        for record in built.instance.all_logs(run.run_id)
+        if record.user_message.startswith("Running dbt command:")
+    ]
+    assert commands and all(f"`{client} " in c for c in commands), commands[:3]
+    assert dbt_warm._server is not None and dbt_warm._server.process.poll() is None
 
 
 def _warehouse_rows(put, sql: str) -> list[tuple]:

@@ -1,0 +1,359 @@
+"""A warm dbt: every dbt command of a Dagster process runs in a fork of one process that has
+already imported dbt.
+
+Profiled (docs/benchmarks.md), a dbt process spends about 3 s importing dbt (mostly
+mashumaro compiling dbt's dataclasses) and building the JSON schemas it validates the
+project and profile with, before it reads a single file; a full refresh of the platform is
+four dbt commands, an incremental refresh as many. So the Dagster process starts one
+server (`ensure_server`, from the dbt resource's setup for a run), which imports dbt once,
+listens on a Unix socket, and forks a child per command. dagster-dbt is unchanged: its dbt
+executable is a small client (`client_executable`) that hands the server its command line,
+environment, working directory and stdin/stdout/stderr, forwards SIGINT/SIGTERM to the
+child and exits with the child's exit code. The child is a plain `dbt` process in every other
+respect: the same entry point, its own environment and folder, its own connections, and
+stdout (dbt's JSON log lines) going straight to dagster-dbt.
+
+What keeps it safe:
+- The server imports dbt, its PostgreSQL/Redshift adapters and the JSON schemas, and nothing
+  that starts a thread (DuckDB starts one on import: the child imports it, 0.1 s), and never
+  runs dbt itself, so each child starts from the state a fresh `dbt` would have after its
+  imports. A server that finds a second thread anyway refuses to start.
+- Without a server (not started, disabled with DBT_WARM_START=0, or gone) the client
+  replaces itself with the environment's own `dbt` (exec): the same command, cold.
+- The server exits when the Dagster process that started it goes away (a pipe it holds
+  closes), and kills its children then; a child whose client goes away (dagster-dbt killed
+  it) gets SIGINT, as dbt would from Ctrl-C, and SIGKILL 10 s later.
+
+Client and server code use only the standard library at import time: the client starts as a
+new interpreter for every dbt command.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ENV_SOCKET = "PLATFORM_DBT_SERVER"          # the server's socket, for the client
+ENV_SERVER_PID = "PLATFORM_DBT_SERVER_PID"  # the server's pid, for the client while it starts
+ENV_REAL_DBT = "PLATFORM_DBT_EXECUTABLE"    # the environment's own dbt, the client's fallback
+START_TIMEOUT_S = 60.0                      # a client waits this long for a starting server
+KILL_GRACE_S = 10.0                         # SIGINT, then SIGKILL after this many seconds
+_HEADER = struct.Struct("!I")
+
+
+def real_dbt() -> str:
+    """The dbt next to this interpreter (a Dagster process started as .venv/bin/dagster
+    without the venv on PATH would not find `dbt` otherwise)."""
+    candidate = Path(sys.executable).parent / "dbt"
+    return str(candidate) if candidate.exists() else "dbt"
+
+
+# -- the client: dagster-dbt's dbt executable -------------------------------------------------
+def client_executable() -> str:
+    """An executable file that runs `client_main` with this interpreter (written once per
+    interpreter and user, under the system's temp folder)."""
+    digest = hashlib.sha1(sys.executable.encode()).hexdigest()[:10]
+    folder = Path(tempfile.gettempdir()) / f"platform-dbt-{os.getuid()}-{digest}"
+    path = folder / "dbt"
+    text = (f"#!{sys.executable}\n"
+            "# dbt through the platform's warm dbt server (platform_assets/dbt_warm.py)\n"
+            "import sys\nfrom platform_assets.dbt_warm import client_main\nsys.exit(client_main())\n")
+    if not path.exists() or path.read_text() != text:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".dbt.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def _connect(path: str) -> socket.socket | None:
+    """The server's socket, waiting while the server (still alive) imports dbt."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    server_pid = int(os.environ.get(ENV_SERVER_PID) or 0)
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+            return conn
+        except OSError:
+            conn.close()
+        try:
+            if not server_pid:
+                return None
+            os.kill(server_pid, 0)
+        except OSError:
+            return None  # the server is gone
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def client_main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    path = os.environ.get(ENV_SOCKET)
+    conn = _connect(path) if path else None
+    if conn is None:
+        dbt = os.environ.get(ENV_REAL_DBT) or real_dbt()
+        os.execv(dbt, [dbt, *args]) if os.path.isabs(dbt) else os.execvp(dbt, [dbt, *args])
+    request = json.dumps({"argv": args, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    socket.send_fds(conn, [_HEADER.pack(len(request))], [0, 1, 2])
+    conn.sendall(request)
+    replies = conn.makefile("rb")
+    started = replies.readline()
+    if not started:
+        print("dbt: the warm dbt server closed the connection before starting dbt", file=sys.stderr)
+        return 1
+    pid = json.loads(started)["pid"]
+
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    finished = replies.readline()
+    if not finished:
+        print("dbt: the warm dbt server went away while dbt ran", file=sys.stderr)
+        return 1
+    return int(json.loads(finished)["exit"])
+
+
+# -- the server -------------------------------------------------------------------------------
+class Server:
+    """Handle of a running server (the Dagster process's side)."""
+
+    def __init__(self, process: subprocess.Popen, socket_path: str, keepalive: int):
+        self.process, self.socket_path, self._keepalive = process, socket_path, keepalive
+
+    def environ(self) -> dict[str, str]:
+        return {ENV_SOCKET: self.socket_path, ENV_SERVER_PID: str(self.process.pid), ENV_REAL_DBT: real_dbt()}
+
+    def stop(self) -> None:
+        if self._keepalive >= 0:
+            os.close(self._keepalive)  # the server sees the pipe close, stops its children, exits
+            self._keepalive = -1
+        try:
+            self.process.wait(timeout=KILL_GRACE_S + 5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_server() -> Server:
+    """A new server, a child of this process (in a session of its own, so a Ctrl-C meant for
+    this process reaches dbt through the client, not the server)."""
+    folder = tempfile.mkdtemp(prefix="platform-dbt-server-")
+    socket_path = os.path.join(folder, "dbt.sock")
+    read_end, write_end = os.pipe()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "platform_assets.dbt_warm", socket_path, str(read_end)],
+            pass_fds=(read_end,), stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return Server(process, socket_path, write_end)
+
+
+_server: Server | None = None
+_server_lock = threading.Lock()
+
+
+def ensure_server() -> Server:
+    """This process's server (started on first use, stopped when the process exits), with
+    its socket, pid and the fallback dbt in os.environ for the dbt processes dagster-dbt
+    starts (it hands them a copy of os.environ)."""
+    global _server
+    with _server_lock:
+        if _server is None or _server.process.poll() is not None:
+            _server = start_server()
+            atexit.register(_server.stop)
+        os.environ.update(_server.environ())
+        return _server
+
+
+def _import_dbt() -> None:
+    """What every dbt command would import and build before reading the project."""
+    import dbt.cli.main  # noqa: F401
+    from dbt.contracts.project import Project, ProjectFlags
+    from dbt.contracts.selection import SelectorFile
+
+    for cls in (Project, ProjectFlags, SelectorFile):
+        cls.json_schema()
+    for adapter in ("postgres", "redshift"):  # not duckdb: importing it starts a thread
+        try:
+            module = __import__(f"dbt.adapters.{adapter}", fromlist=["Plugin"])
+            module.Plugin.credentials.json_schema()
+        except ImportError:
+            continue
+
+
+def _child(request: dict, fds: list[int]) -> None:
+    """In the forked child: become the dbt process the client asked for. Never returns."""
+    code = 1
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.stdout.reconfigure(line_buffering=True)
+        sys.argv = ["dbt", *request["argv"]]
+        from dbt.cli.main import cli
+
+        try:
+            cli.main(args=request["argv"], prog_name="dbt", standalone_mode=True)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported on the command's stderr, as dbt would
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            # What a normal interpreter exit does (multiprocessing's finalizers release the
+            # semaphores dbt made, logging flushes dbt.log), without unwinding into the server.
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve(socket_path: str, keepalive_fd: int) -> None:
+    _import_dbt()
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+    if threads > 1:
+        sys.exit(f"warm dbt server: {threads} threads after importing dbt; not forking (dbt runs cold)")
+    # Children are reaped through their pidfds; the server's own signals stay default.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)
+    os.chmod(socket_path, 0o600)
+    listener.listen(16)
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ, "accept")
+    sel.register(keepalive_fd, selectors.EVENT_READ, "parent")
+    running: dict[int, dict] = {}  # pid -> {conn, pidfd, kill_at}
+
+    def start(conn: socket.socket) -> None:
+        msg, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 3)
+        if len(msg) < _HEADER.size or len(fds) != 3:
+            conn.close()
+            return
+        (size,) = _HEADER.unpack(msg)
+        data = bytearray()
+        while len(data) < size:
+            chunk = conn.recv(size - len(data))
+            if not chunk:
+                break
+            data += chunk
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            os.close(keepalive_fd)
+            for other in running.values():
+                other["conn"].close()
+            conn.close()
+            _child(json.loads(bytes(data)), fds)
+        for fd in fds:
+            os.close(fd)
+        pidfd = os.pidfd_open(pid)
+        running[pid] = {"conn": conn, "pidfd": pidfd, "kill_at": None}
+        sel.register(pidfd, selectors.EVENT_READ, ("exited", pid))
+        sel.register(conn, selectors.EVENT_READ, ("client", pid))
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+
+    def unregister(fileobj) -> None:
+        try:
+            sel.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass  # already
+
+    def finish(pid: int) -> None:
+        child = running.pop(pid)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        unregister(child["pidfd"])
+        unregister(child["conn"])
+        os.close(child["pidfd"])
+        try:
+            child["conn"].sendall(json.dumps({"exit": code if code >= 0 else 128 - code}).encode() + b"\n")
+        except OSError:
+            pass
+        child["conn"].close()
+
+    def interrupt(pid: int) -> None:
+        child = running[pid]
+        unregister(child["conn"])  # the client is gone, or the server stops: nothing more to read
+        if child["kill_at"] is None:
+            child["kill_at"] = time.monotonic() + KILL_GRACE_S
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+    stopping = False
+    while not stopping or running:
+        deadlines = [c["kill_at"] for c in running.values() if c["kill_at"] not in (None, float("inf"))]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        for key, _ in sel.select(timeout):
+            what = key.data
+            if what == "accept":
+                conn, _ = listener.accept()
+                try:
+                    start(conn)
+                except OSError:
+                    conn.close()
+            elif what == "parent":
+                # The Dagster process is gone (or stopped us): stop the children, then exit.
+                sel.unregister(keepalive_fd)
+                sel.unregister(listener)
+                listener.close()
+                stopping = True
+                for pid in list(running):
+                    if running[pid]["kill_at"] is None:
+                        interrupt(pid)
+            elif what[0] == "exited":
+                finish(what[1])
+            elif what[0] == "client" and what[1] in running:
+                if not running[what[1]]["conn"].recv(1, socket.MSG_PEEK):
+                    interrupt(what[1])
+        now = time.monotonic()
+        for pid, child in running.items():
+            if child["kill_at"] is not None and now >= child["kill_at"]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                child["kill_at"] = float("inf")
+    try:
+        os.unlink(socket_path)
+        os.rmdir(os.path.dirname(socket_path))
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]))

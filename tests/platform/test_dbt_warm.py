@@ -1,0 +1,137 @@
+"""The warm dbt server (platform_assets/dbt_warm.py): a dbt command through its client is the
+same command as through the environment's own dbt (output, exit code), runs in a fork of the
+server, stops on SIGINT and when its client is killed, and without a server the client
+falls back to the environment's dbt. On a tiny DuckDB project of the test's own, so nothing
+here needs the replica."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from platform_assets import dbt_warm
+
+PROJECT = {
+    "dbt_project.yml": "name: tiny\nversion: '1.0.0'\nprofile: tiny\n",
+    "profiles.yml": (
+        "tiny:\n  target: dev\n  outputs:\n    dev:\n      type: duckdb\n"
+        "      path: \"{{ env_var('TINY_DUCKDB') }}\"\n      threads: 1\n"
+    ),
+    "models/one.sql": "select 1 as id\n",
+    "models/two.sql": "select id from {{ ref('one') }}\n",
+    # a statement that runs until it is interrupted (minutes on any machine)
+    "macros/slow.sql": (
+        "{% macro slow() %}{% do run_query('select count(*) from range(100000000000) t(x) "
+        "where x % 7 = 3') %}{% endmacro %}\n"
+    ),
+}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    root = tmp_path / "tiny"
+    for name, text in PROJECT.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    env = {**os.environ, "TINY_DUCKDB": str(tmp_path / "tiny.duckdb"), "DBT_PROFILES_DIR": str(root),
+           "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "DBT_TARGET_PATH": str(tmp_path / "target"),
+           "DBT_LOG_PATH": str(tmp_path / "logs")}
+    for name in (dbt_warm.ENV_SOCKET, dbt_warm.ENV_SERVER_PID, dbt_warm.ENV_REAL_DBT):
+        env.pop(name, None)
+    return root, env
+
+
+@pytest.fixture
+def server():
+    srv = dbt_warm.start_server()
+    yield srv
+    srv.stop()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _run(cmd: list[str], root: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_warm_command_is_the_same_dbt_command(tiny, server):
+    root, env = tiny
+    client, plain = dbt_warm.client_executable(), dbt_warm.real_dbt()
+    warm_env = {**env, **server.environ()}
+    for args in (["ls", "--resource-type", "model", "-q"], ["build", "-q"], ["ls", "--target", "nope"]):
+        cold = _run([plain, *args], root, env)
+        warm = _run([client, *args], root, warm_env)
+        print(f"\n{args}: exit {cold.returncode} / {warm.returncode}")
+        assert warm.returncode == cold.returncode, (warm.stdout, warm.stderr)
+        if cold.returncode == 0:
+            assert warm.stdout == cold.stdout
+        else:
+            assert "does not have a target named 'nope'" in warm.stdout
+    assert sorted(_run([client, "ls", "-q"], root, warm_env).stdout.split()) == ["tiny.one", "tiny.two"]
+    # nothing left behind: every child was reaped
+    assert _children(server.process.pid) == []
+
+
+def test_interrupt_and_lost_client_stop_dbt(tiny, server):
+    root, env = tiny
+    env = {**env, **server.environ()}
+    client = dbt_warm.client_executable()
+    # SIGINT to the client (what dagster-dbt sends to cancel) reaches dbt: it stops, non-zero.
+    proc = subprocess.Popen([client, "run-operation", "slow"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child, = _wait(lambda: _children(server.process.pid), 120, "the forked dbt")
+    assert Path(f"/proc/{child}").exists()
+    time.sleep(1)  # inside the statement
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out
+    _wait(lambda: not _children(server.process.pid), 60, "the interrupted dbt to end")
+    # A client killed outright (dagster-dbt's last resort): the server stops its dbt.
+    proc = subprocess.Popen([client, "run-operation", "slow"], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait(lambda: _children(server.process.pid), 120, "the forked dbt")
+    proc.kill()
+    proc.wait()
+    _wait(lambda: not _children(server.process.pid), dbt_warm.KILL_GRACE_S + 60, "the orphaned dbt to be stopped")
+
+
+def test_without_a_server_the_client_runs_the_environment_dbt(tiny, server):
+    root, env = tiny
+    client = dbt_warm.client_executable()
+    assert _run([client, "ls", "-q"], root, env).stdout.split() == ["tiny.one", "tiny.two"]
+    # a server that has gone away: same
+    gone = server.environ()
+    server.stop()
+    assert server.process.returncode == 0 and not os.path.exists(server.socket_path)
+    result = _run([client, "ls", "-q"], root, {**env, **gone})
+    assert result.returncode == 0 and result.stdout.split() == ["tiny.one", "tiny.two"], result.stderr
+
+
+def test_the_server_stops_its_dbt_when_its_parent_goes(tiny, server):
+    root, env = tiny
+    env = {**env, **server.environ()}
+    proc = subprocess.Popen([dbt_warm.client_executable(), "run-operation", "slow"], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child, = _wait(lambda: _children(server.process.pid), 120, "the forked dbt")
+    server.stop()  # closes the pipe, as the parent's death would
+    assert server.process.returncode == 0
+    assert not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/status").read_text().find("zombie") >= 0
+    assert proc.wait(timeout=60) != 0
