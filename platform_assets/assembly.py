@@ -83,7 +83,6 @@ def build_platform(settings: PlatformSettings) -> Platform:
         description="Every unpartitioned dbt model (and its tests).",
     )
 
-    warm_start = settings.dbt_warm_start
     defs = dg.Definitions(
         assets=[federated_sources, dbt_models, dbt_daily_facts, dbt_snapshots, exports.asset,
                 *dashboard_specs(dashboards)],
@@ -109,8 +108,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
                 project_dir=dbt_project,
                 profiles_dir=str(dbt_project.profiles_dir),
                 target=settings.dbt_target,
-                dbt_executable=dbt_executable(warm_start),
-                warm_start=warm_start,
+                dbt_executable=dbt_executable(warm_start=settings.dbt_warm_start),
                 adapter_in_dagster=settings.engine != "duckdb",
             ),
             # EnvVar: the URL (with its password) is never shown in the UI or stored with a run.

@@ -2,7 +2,7 @@
 
 Profiled (docs/benchmarks.md), every dbt command costs seconds before it reads the project:
 the dbt process imports dbt (about 3 s), which dbt_warm.py takes away by forking each
-command from a process that has done it once (`warm_start`). And before a dbt op's process
+command from a process that has done it once (`dbt_executable(warm_start=True)`). And before a dbt op's process
 even starts, DbtCliResource.cli()
 1. runs `dbt --version` in a second process (importing all of dbt: about 3 s) once per
    resource instance, i.e. once per run, to learn the dbt version;
@@ -18,6 +18,7 @@ never used.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from functools import cached_property
 from importlib import metadata
@@ -31,20 +32,22 @@ from . import dbt_warm
 
 
 def dbt_executable(warm_start: bool) -> str:
-    """The dbt executable for the resource: the warm client, or the environment's own dbt."""
-    return dbt_warm.client_executable() if warm_start else dbt_warm.real_dbt()
+    """The dbt executable for the resource: the warm client (dbt_warm.py), or the
+    environment's own dbt when warm start is off or the client cannot be written (a
+    read-only file system: dbt then runs cold, as it would without the platform)."""
+    if warm_start:
+        try:
+            return dbt_warm.client_executable()
+        except OSError as exc:
+            logging.getLogger(__name__).warning("warm dbt start is off: cannot write its client (%s)", exc)
+    return dbt_warm.real_dbt()
 
 
 class PlatformDbtResource(DbtCliResource):
     """DbtCliResource for the platform's dbt ops (see the module docstring). Build it with
-    `dbt_executable=dbt_executable(warm_start)`."""
+    `dbt_executable=dbt_executable(warm_start)`: with the warm client as its executable, a
+    run's set-up of the resource starts this process's warm dbt server."""
 
-    warm_start: bool = Field(
-        default=True,
-        description="Run each dbt command as a fork of a process that has imported dbt once "
-        "(platform_assets/dbt_warm.py), started when a run sets the resource up. "
-        "DBT_WARM_START=0 turns it off.",
-    )
     adapter_in_dagster: bool = Field(
         default=True,
         description="Build a dbt adapter in the Dagster process for dagster-dbt's row-count and "
@@ -53,13 +56,13 @@ class PlatformDbtResource(DbtCliResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         super().setup_for_execution(context)
-        if self.warm_start:
+        if self.dbt_executable == dbt_warm.client_path():
             dbt_warm.ensure_server()
 
     @cached_property
     def _cli_version(self) -> version.Version:
         # the environment's own dbt, directly or through the warm client
-        if self.dbt_executable in (dbt_warm.real_dbt(), dbt_warm.client_executable()):
+        if self.dbt_executable in (dbt_warm.real_dbt(), dbt_warm.client_path()):
             return version.parse(metadata.version("dbt-core"))
         return super()._cli_version
 

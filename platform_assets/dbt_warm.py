@@ -61,18 +61,22 @@ def real_dbt() -> str:
 
 
 # -- the client: dagster-dbt's dbt executable -------------------------------------------------
-def client_executable() -> str:
-    """An executable file that runs `client_main` with this interpreter (written once per
-    interpreter and user, under the system's temp folder)."""
+def client_path() -> str:
+    """Where `client_executable` writes the client for this interpreter and user."""
     digest = hashlib.sha1(sys.executable.encode()).hexdigest()[:10]
-    folder = Path(tempfile.gettempdir()) / f"platform-dbt-{os.getuid()}-{digest}"
-    path = folder / "dbt"
+    return str(Path(tempfile.gettempdir()) / f"platform-dbt-{os.getuid()}-{digest}" / "dbt")
+
+
+def client_executable() -> str:
+    """The client as an executable file running `client_main` with this interpreter (written
+    if missing or different; OSError if it cannot be)."""
+    path = Path(client_path())
     text = (f"#!{sys.executable}\n"
             "# dbt through the platform's warm dbt server (platform_assets/dbt_warm.py)\n"
             "import sys\nfrom platform_assets.dbt_warm import client_main\nsys.exit(client_main())\n")
     if not path.exists() or path.read_text() != text:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".dbt.{os.getpid()}.tmp"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".dbt.{os.getpid()}.tmp")
         tmp.write_text(text)
         tmp.chmod(0o755)
         os.replace(tmp, path)
@@ -338,7 +342,11 @@ def serve(socket_path: str, keepalive_fd: int) -> None:
             elif what[0] == "exited":
                 finish(what[1])
             elif what[0] == "client" and what[1] in running:
-                if not running[what[1]]["conn"].recv(1, socket.MSG_PEEK):
+                try:
+                    gone = not running[what[1]]["conn"].recv(1, socket.MSG_PEEK)
+                except OSError:
+                    gone = True
+                if gone:
                     interrupt(what[1])
         now = time.monotonic()
         for pid, child in running.items():

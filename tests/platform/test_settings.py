@@ -55,6 +55,18 @@ def test_malformed_knobs_are_named():
     with pytest.raises(ConfigurationError, match="MAX_REPLICA_LAG_SECONDS"):
         settings = load_settings({"MAX_REPLICA_LAG_SECONDS": "soon", "PLATFORM_ENV_FILE": "/nonexistent"})
         _ = settings.max_replica_lag_seconds
+    with pytest.raises(ConfigurationError, match="DBT_WARM_START"):
+        _ = load_settings({"DBT_WARM_START": "maybe", "PLATFORM_ENV_FILE": "/nonexistent"}).dbt_warm_start
+    for raw, expected in (("", True), ("1", True), ("0", False), ("false", False)):
+        assert load_settings({"DBT_WARM_START": raw, "PLATFORM_ENV_FILE": "/nonexistent"}).dbt_warm_start is expected
+
+
+def test_warm_start_off_runs_the_environment_dbt():
+    from platform_assets import dbt_warm
+    from platform_assets.dbt_resource import dbt_executable
+
+    assert dbt_executable(warm_start=False) == dbt_warm.real_dbt()
+    assert dbt_executable(warm_start=True) == dbt_warm.client_path()
 
 
 def test_window_vars_and_args():
