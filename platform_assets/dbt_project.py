@@ -7,6 +7,7 @@ that is parsed is the graph that runs. Each environment parses into its own targ
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -29,14 +30,31 @@ def dbt_project_for(settings: PlatformSettings, prepare: bool = True) -> DbtProj
     # Locally the manifest is re-parsed whenever a file of the dbt project is newer than it,
     # so the graph Dagster loads is always the one on disk. prod expects the manifest the
     # image build parsed (`dagster-dbt project prepare-and-package`).
-    if settings.env != "prod" and manifest_is_stale(project):
+    if settings.env != "prod" and manifest_is_stale(project, warehouse_database(settings)):
         settings.export_for_subprocesses()
         project.preparer.prepare(project)
     return project
 
 
-def manifest_is_stale(project: DbtProject) -> bool:
+def warehouse_database(settings: PlatformSettings) -> str | None:
+    """The database dbt names the warehouse's relations with under these settings (the
+    manifest records it, and dagster-dbt's metadata queries use it), if known before parsing:
+    the DuckDB file's stem, or WAREHOUSE_PG_DB."""
+    if settings.engine == "duckdb":
+        path = settings.optional("DUCKDB_PATH")
+        return Path(path).stem if path and path != ":memory:" else None
+    if settings.engine == "postgres":
+        return settings.optional("WAREHOUSE_PG_DB")
+    return None
+
+
+def manifest_is_stale(project: DbtProject, database: str | None = None) -> bool:
+    """A file of the dbt project is newer than the manifest, or the manifest was parsed for
+    another warehouse database (e.g. another WAREHOUSE_PG_DB: dagster-dbt's metadata queries
+    would name the old one, which PostgreSQL refuses as a cross-database reference)."""
     if not project.manifest_path.exists():
+        return True
+    if database is not None and database not in _manifest_databases(project.manifest_path):
         return True
     parsed_at = project.manifest_path.stat().st_mtime
     root = Path(project.project_dir)
@@ -88,3 +106,12 @@ def keep_partial_parse(target: Path, cache: Path) -> None:
     tmp = cache.with_name(f"{cache.name}.{hashlib.sha1(str(target).encode()).hexdigest()[:8]}.tmp")
     shutil.copyfile(saved, tmp)
     os.replace(tmp, cache)
+
+
+def _manifest_databases(manifest_path: Path) -> set[str]:
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return set()
+    return {node.get("database") for node in manifest.get("nodes", {}).values()
+            if node.get("resource_type") == "model"}

@@ -142,3 +142,30 @@ def test_a_failure_names_the_sources_the_failing_models_read():
     found = source_tables_read(manifest, ["model.r.dim"])
     assert found == ["source.r.app.courses"]
     assert source_labels(manifest, found) == ["federated/courses (app.courses on the replica)"]
+
+
+def test_a_manifest_parsed_for_another_warehouse_database_is_stale(tmp_path):
+    """Another WAREHOUSE_PG_DB (or DuckDB file name) than the manifest was parsed with means
+    a re-parse: dagster-dbt's metadata queries name the manifest's database."""
+    import json
+
+    from dagster_dbt import DbtProject
+
+    from platform_assets.dbt_project import manifest_is_stale, warehouse_database
+
+    (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
+    project = DbtProject(project_dir=tmp_path, target_path="target/pg")
+    assert manifest_is_stale(project, "warehouse")  # no manifest yet
+    project.manifest_path.parent.mkdir(parents=True)
+    project.manifest_path.write_text(json.dumps({"nodes": {
+        "model.tiny.a": {"resource_type": "model", "database": "warehouse"},
+        "test.tiny.t": {"resource_type": "test", "database": "elsewhere"},
+    }}))
+    assert not manifest_is_stale(project, "warehouse")
+    assert not manifest_is_stale(project, None)
+    assert manifest_is_stale(project, "bench_warehouse")
+    pg = load_settings({"PLATFORM_ENV": "pg", "WAREHOUSE_PG_DB": "bench_warehouse",
+                        "PLATFORM_ENV_FILE": "/nonexistent"})
+    local = load_settings({"PLATFORM_ENV": "local", "DUCKDB_PATH": "/x/warehouse.duckdb",
+                           "PLATFORM_ENV_FILE": "/nonexistent"})
+    assert (warehouse_database(pg), warehouse_database(local)) == ("bench_warehouse", "warehouse")
