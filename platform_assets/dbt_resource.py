@@ -2,8 +2,8 @@
 
 Profiled (docs/benchmarks.md), every dbt command costs seconds before it reads the project:
 the dbt process imports dbt (about 3 s), which dbt_warm.py takes away by forking each
-command from a process that has done it once (`dbt_executable(warm_start=True)`). And before a dbt op's process
-even starts, DbtCliResource.cli()
+command from a process that has done it once (`dbt_executable(warm_start=True)`). And
+before a dbt op's process even starts, DbtCliResource.cli()
 1. runs `dbt --version` in a second process (importing all of dbt: about 3 s) once per
    resource instance, i.e. once per run, to learn the dbt version;
 2. builds a dbt adapter inside the Dagster process (profile, project, and every macro of the

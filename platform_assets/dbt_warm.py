@@ -83,6 +83,18 @@ def client_executable() -> str:
     return str(path)
 
 
+def _alive(pid: int) -> bool:
+    """The process runs (a server that exited stays a zombie until its parent reaps it)."""
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _connect(path: str) -> socket.socket | None:
     """The server's socket, waiting while the server (still alive) imports dbt."""
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -94,13 +106,7 @@ def _connect(path: str) -> socket.socket | None:
             return conn
         except OSError:
             conn.close()
-        try:
-            if not server_pid:
-                return None
-            os.kill(server_pid, 0)
-        except OSError:
-            return None  # the server is gone
-        if time.monotonic() > deadline:
+        if not server_pid or not _alive(server_pid) or time.monotonic() > deadline:
             return None
         time.sleep(0.05)
 

@@ -135,3 +135,16 @@ def test_the_server_stops_its_dbt_when_its_parent_goes(tiny, server):
     assert server.process.returncode == 0
     assert not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/status").read_text().find("zombie") >= 0
     assert proc.wait(timeout=60) != 0
+
+
+def test_a_dead_server_is_not_waited_for(server, monkeypatch):
+    """A server that died is a zombie until the Dagster process reaps it: the client must see
+    it as gone (and run dbt cold at once), not wait for it to start listening."""
+    pid = server.process.pid
+    assert dbt_warm._alive(pid)
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", 30,
+          "the killed server to be a zombie")
+    assert not dbt_warm._alive(pid)
+    monkeypatch.setenv(dbt_warm.ENV_SERVER_PID, str(pid))
+    assert dbt_warm._connect(server.socket_path) is None
