@@ -47,7 +47,6 @@ from pathlib import Path
 
 ENV_SOCKET = "PLATFORM_DBT_SERVER"          # the server's socket, for the client
 ENV_SERVER_PID = "PLATFORM_DBT_SERVER_PID"  # the server's pid, for the client while it starts
-ENV_REAL_DBT = "PLATFORM_DBT_EXECUTABLE"    # the environment's own dbt, the client's fallback
 START_TIMEOUT_S = 60.0                      # a client waits this long for a starting server
 KILL_GRACE_S = 10.0                         # SIGINT, then SIGKILL after this many seconds
 _HEADER = struct.Struct("!I")
@@ -116,7 +115,7 @@ def client_main(argv: list[str] | None = None) -> int:
     path = os.environ.get(ENV_SOCKET)
     conn = _connect(path) if path else None
     if conn is None:
-        dbt = os.environ.get(ENV_REAL_DBT) or real_dbt()
+        dbt = real_dbt()  # the client runs on the interpreter of the process that wrote it
         os.execv(dbt, [dbt, *args]) if os.path.isabs(dbt) else os.execvp(dbt, [dbt, *args])
     request = json.dumps({"argv": args, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
     socket.send_fds(conn, [_HEADER.pack(len(request))], [0, 1, 2])
@@ -151,7 +150,7 @@ class Server:
         self.process, self.socket_path, self._keepalive = process, socket_path, keepalive
 
     def environ(self) -> dict[str, str]:
-        return {ENV_SOCKET: self.socket_path, ENV_SERVER_PID: str(self.process.pid), ENV_REAL_DBT: real_dbt()}
+        return {ENV_SOCKET: self.socket_path, ENV_SERVER_PID: str(self.process.pid)}
 
     def stop(self) -> None:
         if self._keepalive >= 0:
@@ -189,7 +188,7 @@ _server_lock = threading.Lock()
 
 def ensure_server() -> Server:
     """This process's server (started on first use, stopped when the process exits), with
-    its socket, pid and the fallback dbt in os.environ for the dbt processes dagster-dbt
+    its socket and pid in os.environ for the dbt processes dagster-dbt
     starts (it hands them a copy of os.environ)."""
     global _server
     with _server_lock:
@@ -270,6 +269,8 @@ def serve(socket_path: str, keepalive_fd: int) -> None:
     def start(conn: socket.socket) -> None:
         msg, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 3)
         if len(msg) < _HEADER.size or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
             conn.close()
             return
         (size,) = _HEADER.unpack(msg)

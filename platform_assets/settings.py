@@ -169,7 +169,6 @@ class PlatformSettings:
         except ValueError:
             raise ConfigurationError(f"MAX_REPLICA_LAG_SECONDS={raw!r} is not a number") from None
 
-
     @property
     def dbt_warm_start(self) -> bool:
         """Whether dbt commands fork from a warm dbt process (platform_assets/dbt_warm.py)."""

@@ -41,7 +41,7 @@ def tiny(tmp_path):
     env = {**os.environ, "TINY_DUCKDB": str(tmp_path / "tiny.duckdb"), "DBT_PROFILES_DIR": str(root),
            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "DBT_TARGET_PATH": str(tmp_path / "target"),
            "DBT_LOG_PATH": str(tmp_path / "logs")}
-    for name in (dbt_warm.ENV_SOCKET, dbt_warm.ENV_SERVER_PID, dbt_warm.ENV_REAL_DBT):
+    for name in (dbt_warm.ENV_SOCKET, dbt_warm.ENV_SERVER_PID):
         env.pop(name, None)
     return root, env
 

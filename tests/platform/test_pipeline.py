@@ -78,7 +78,7 @@ def test_everything_materialized_and_every_check_passes(built):
 def test_dbt_commands_go_through_the_warm_server(built):
     """The runs' dbt commands went to the warm dbt client, and this process's server (started
     by the dbt resource) is up (tests/platform/test_dbt_warm.py: the client forks from it)."""
-    client = dbt_warm.client_executable()
+    client = dbt_warm.client_path()
     commands = [
         record.user_message
         for run in built.instance.get_runs()
