@@ -187,9 +187,9 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
          settings: PlatformSettings, env: Mapping[str, str] | None = None):
     """One dbt invocation in a run folder seeded with a warm parse state (dbt_project.py),
     with `env` added to the dbt process's environment."""
-    _preflight(context, settings)  # before anything is created, even the run folder
+    now = _preflight(context, settings)  # before anything is created, even the run folder
     target = run_target_path(project, context.op_execution_context.op.name, context.run.run_id)
-    cache = partial_parse_cache(project)
+    cache = partial_parse_cache(project, now)
     seed_partial_parse(cache, target)
     with dbt_process_environment(env):
         invocation = dbt.cli(args, context=context, target_path=target)
@@ -197,13 +197,16 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
     keep_partial_parse(target, cache)
 
 
-def _preflight(context: dg.AssetExecutionContext, settings: PlatformSettings) -> None:
+def _preflight(context: dg.AssetExecutionContext, settings: PlatformSettings) -> PlatformSettings:
     """Bad configuration fails here, before dbt starts: one message naming the setting, and
-    nothing created (no DuckDB file, no schema). See preflight.py."""
+    nothing created (no DuckDB file, no schema). See preflight.py. Returns the settings as
+    the dbt process will see them."""
     try:
-        preflight(current_settings(settings))
+        now = current_settings(settings)
+        preflight(now)
     except ConfigurationError as exc:
         raise dg.Failure(description=f"preflight: {exc}", allow_retries=False) from None
+    return now
 
 
 def _explain_replica_failure(events: Iterator, invocation, context: dg.AssetExecutionContext,

@@ -74,9 +74,21 @@ def manifest_is_stale(project: DbtProject, database: str | None = None) -> bool:
 # environment parses into. dbt then re-parses the whole project on every run (5-10 s), also
 # because it throws the parse state away when the profile (e.g. DUCKDB_PATH) or the --vars
 # differ from the ones it was saved with. So each run folder is seeded from, and after the run
-# gives back, the state of the last invocation. (The daily facts' partition window is passed
-# in the environment, not in --vars, for the same reason: see dbt_assets.window_env.)
+# gives back, the state of the last invocation with the same profile. (The daily facts'
+# partition window is passed in the environment, not in --vars, for the same reason: see
+# dbt_assets.window_env.)
 PARTIAL_PARSE = "partial_parse.msgpack"
+PARSE_STATES = "parse-states"
+# dbt keys its parse state on the target's connection details (`connection_info()`): these
+# are the settings they come from, per engine. One kept state per combination.
+PROFILE_SETTINGS = {
+    "duckdb": ("DUCKDB_PATH",),
+    "postgres": ("WAREHOUSE_PG_HOST", "WAREHOUSE_PG_PORT", "WAREHOUSE_PG_DB", "WAREHOUSE_PG_USER"),
+    "redshift": ("REDSHIFT_HOST", "REDSHIFT_PORT", "REDSHIFT_DB", "REDSHIFT_USER"),
+}
+# Parse states kept per environment (about 1 MB each), the most recently used: the demo's
+# warehouse, the benchmark's, a few test warehouses.
+KEPT_PARSE_STATES = 8
 
 
 def run_target_path(project: DbtProject, op_name: str, run_id: str) -> Path:
@@ -85,27 +97,48 @@ def run_target_path(project: DbtProject, op_name: str, run_id: str) -> Path:
     return Path(project.project_dir) / project.target_path / "runs" / name
 
 
-def partial_parse_cache(project: DbtProject) -> Path:
-    """Where the parse state is kept between invocations. Every run the platform makes has
-    the same command-line vars (none: the daily window is in the environment), so one slot."""
-    return Path(project.project_dir) / project.target_path / PARTIAL_PARSE
+def partial_parse_cache(project: DbtProject, settings: PlatformSettings) -> Path:
+    """Where the parse state of invocations with these connection settings is kept. Every run
+    the platform makes has the same command-line vars (none: the daily window is in the
+    environment), so the profile is the only key: switching between warehouses (the demo's,
+    the benchmark's, PostgreSQL's) no longer costs a full parse each way."""
+    key = "|".join(f"{name}={settings.optional(name) or ''}"
+                   for name in PROFILE_SETTINGS.get(settings.engine, ()))
+    digest = hashlib.sha1(f"{settings.dbt_target}|{key}".encode()).hexdigest()[:16]
+    return Path(project.project_dir) / project.target_path / PARSE_STATES / f"{digest}.msgpack"
 
 
 def seed_partial_parse(cache: Path, target: Path) -> None:
-    if cache.exists():
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cache, target / PARTIAL_PARSE)
+    """The kept state for this profile; else the one the manifest's preparation saved (parsed
+    with the settings the code location loaded with, usually the same profile)."""
+    for source in (cache, cache.parent.parent / PARTIAL_PARSE):
+        if source.exists():
+            target.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(source, target / PARTIAL_PARSE)
+                return
+            except FileNotFoundError:  # pruned by another process meanwhile
+                continue
 
 
-def keep_partial_parse(target: Path, cache: Path) -> None:
+def keep_partial_parse(target: Path, cache: Path, keep: int = KEPT_PARSE_STATES) -> None:
     """Give the state dbt saved in a run folder back to the cache (atomically: runs of other
-    processes may read it at the same time)."""
+    processes may read it at the same time), and drop the least recently used beyond `keep`."""
     saved = target / PARTIAL_PARSE
     if not saved.exists():
         return
+    cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f"{cache.name}.{hashlib.sha1(str(target).encode()).hexdigest()[:8]}.tmp")
     shutil.copyfile(saved, tmp)
     os.replace(tmp, cache)
+    states = []
+    for path in cache.parent.glob("*.msgpack"):
+        try:
+            states.append((path.stat().st_mtime, path))
+        except FileNotFoundError:
+            continue
+    for _, path in sorted(states, reverse=True)[keep:]:
+        path.unlink(missing_ok=True)
 
 
 def _manifest_databases(manifest_path: Path) -> set[str]:

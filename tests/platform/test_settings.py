@@ -169,3 +169,61 @@ def test_a_manifest_parsed_for_another_warehouse_database_is_stale(tmp_path):
     local = load_settings({"PLATFORM_ENV": "local", "DUCKDB_PATH": "/x/warehouse.duckdb",
                            "PLATFORM_ENV_FILE": "/nonexistent"})
     assert (warehouse_database(pg), warehouse_database(local)) == ("bench_warehouse", "warehouse")
+
+
+def test_parse_states_are_kept_per_profile_and_pruned(tmp_path):
+    """dbt throws its parse state away when the target's connection details differ: each
+    profile (DUCKDB_PATH; the pg host, port, database, user) has its own kept state, a new
+    one starts from the state the manifest's preparation saved, and only the most recently
+    used few are kept."""
+    import os
+    import time
+
+    from dagster_dbt import DbtProject
+
+    from platform_assets.dbt_project import (
+        PARTIAL_PARSE,
+        keep_partial_parse,
+        partial_parse_cache,
+        seed_partial_parse,
+    )
+
+    (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
+    project = DbtProject(project_dir=tmp_path, target_path="target/local")
+
+    def local(path: str):
+        return load_settings({"PLATFORM_ENV": "local", "DUCKDB_PATH": path, "PLATFORM_ENV_FILE": "/nonexistent"})
+
+    def pg(db: str):
+        return load_settings({"PLATFORM_ENV": "pg", "WAREHOUSE_PG_DB": db, "WAREHOUSE_PG_HOST": "h",
+                              "WAREHOUSE_PG_PORT": "5432", "PLATFORM_ENV_FILE": "/nonexistent"})
+
+    demo, bench = partial_parse_cache(project, local("/a/warehouse.duckdb")), partial_parse_cache(
+        project, local("/b/warehouse.duckdb"))
+    assert demo != bench and demo == partial_parse_cache(project, local("/a/warehouse.duckdb"))
+    assert partial_parse_cache(project, pg("warehouse")) != partial_parse_cache(project, pg("bench_warehouse"))
+
+    # Nothing kept for a profile yet: the preparation's state (target/<env>/), if any.
+    prepared = tmp_path / "target" / "local" / PARTIAL_PARSE
+    prepared.parent.mkdir(parents=True)
+    prepared.write_bytes(b"prepared")
+    run = tmp_path / "run1"
+    seed_partial_parse(demo, run)
+    assert (run / PARTIAL_PARSE).read_bytes() == b"prepared"
+    # What the run saved is given back to its profile's slot, and seeds the next run.
+    (run / PARTIAL_PARSE).write_bytes(b"demo state")
+    keep_partial_parse(run, demo)
+    seed_partial_parse(demo, tmp_path / "run2")
+    assert (tmp_path / "run2" / PARTIAL_PARSE).read_bytes() == b"demo state"
+    seed_partial_parse(bench, tmp_path / "run3")
+    assert (tmp_path / "run3" / PARTIAL_PARSE).read_bytes() == b"prepared"
+
+    # Only `keep` states stay: the least recently used go.
+    os.utime(demo, (time.time() - 1000, time.time() - 1000))
+    for i in range(5):
+        slot = partial_parse_cache(project, local(f"/t{i}/warehouse.duckdb"))
+        keep_partial_parse(run, slot, keep=3)
+        os.utime(slot, (time.time() - 100 + i, time.time() - 100 + i))  # used in this order
+    kept = set(demo.parent.glob("*.msgpack"))
+    assert kept == {partial_parse_cache(project, local(f"/t{i}/warehouse.duckdb")) for i in (2, 3, 4)}
+    assert not any(p.name.endswith(".tmp") for p in demo.parent.iterdir())
