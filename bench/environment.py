@@ -49,12 +49,13 @@ class BenchSource:
             return conn.execute("select count(*) from app.lesson_events").fetchone()[0]
 
     def fresh_pg_warehouse(self, name: str) -> dict[str, str]:
-        """An empty warehouse database (like `make up`'s `warehouse`), dropped first if it
-        exists, so that a run on the `pg` target is a full build. Returns the settings."""
+        """An empty warehouse database (as `make up` creates it), dropped first if it exists,
+        so that a run on the `pg` target is a full build. Returns the settings."""
         with self.local.cluster.primary.connect() as conn:
             conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
             conn.execute(sql.SQL("create database {} owner {}").format(
                 sql.Identifier(name), sql.Identifier(WAREHOUSE_ROLE)))
+            conn.execute(sql.SQL("revoke all on database {} from public").format(sql.Identifier(name)))
         with self.local.cluster.primary.connect(name) as conn:
             conn.execute("create extension if not exists postgres_fdw")
             conn.execute(sql.SQL("grant usage on foreign data wrapper postgres_fdw to {}").format(

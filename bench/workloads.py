@@ -23,6 +23,7 @@ import dagster as dg
 from dagster_dbt import build_dbt_asset_selection
 from filelock import Timeout
 from localenv.demo import Runner
+from localenv.environment import WAREHOUSE_DB
 from localenv.simulator import simulate
 
 from platform_assets.assembly import Platform, build_platform
@@ -34,7 +35,10 @@ from .environment import BenchSource
 from .probe import Repetition, measure, summary
 
 STAGES = ("a", "b", "c", "d", "e")
-PG_WAREHOUSE_DB = "bench_warehouse"
+# The benchmark's own server (.local/bench-<EVENTS>), so its own `warehouse` database: the
+# name the pg environment's manifest is parsed with everywhere else (make up, the tests).
+# Another name makes the code location re-parse the manifest (about 20 s) each way.
+PG_WAREHOUSE_DB = WAREHOUSE_DB
 
 
 @dataclass
