@@ -33,7 +33,13 @@ from dagster_dbt import (
 from dagster_dbt.errors import DagsterDbtCliRuntimeError
 
 from .automation import automation_for
-from .dbt_project import keep_partial_parse, partial_parse_cache, run_target_path, seed_partial_parse
+from .dbt_project import (
+    keep_partial_parse,
+    partial_parse_cache,
+    prune_run_folders,
+    run_target_path,
+    seed_partial_parse,
+)
 from .preflight import current_settings, explain_dbt_failure, preflight, redact
 from .settings import ConfigurationError, PlatformSettings
 
@@ -195,6 +201,10 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
         invocation = dbt.cli(args, context=context, target_path=target)
     yield from _explain_replica_failure(_stream(invocation, context, settings), invocation, context, settings)
     keep_partial_parse(target, cache)
+    try:
+        prune_run_folders(target.parent)
+    except OSError as exc:  # housekeeping: never fails a run that succeeded
+        context.log.warning(f"could not remove old dbt run folders under {target.parent}: {exc}")
 
 
 def _preflight(context: dg.AssetExecutionContext, settings: PlatformSettings) -> PlatformSettings:

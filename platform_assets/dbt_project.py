@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -86,6 +87,10 @@ PROFILE_SETTINGS = {
     "postgres": ("WAREHOUSE_PG_HOST", "WAREHOUSE_PG_PORT", "WAREHOUSE_PG_DB", "WAREHOUSE_PG_USER"),
     "redshift": ("REDSHIFT_HOST", "REDSHIFT_PORT", "REDSHIFT_DB", "REDSHIFT_USER"),
 }
+# Run folders kept per environment (each about 3 MB: dbt's manifest, parse state, log and
+# results of one invocation), the most recent, and never one used in the last hour.
+KEPT_RUN_FOLDERS = 50
+RUN_FOLDER_MIN_AGE_S = 3600
 # Parse states kept per environment (about 1 MB each), the most recently used: the demo's
 # warehouse, the benchmark's, a few test warehouses.
 KEPT_PARSE_STATES = 8
@@ -139,6 +144,33 @@ def keep_partial_parse(target: Path, cache: Path, keep: int = KEPT_PARSE_STATES)
             continue
     for _, path in sorted(states, reverse=True)[keep:]:
         path.unlink(missing_ok=True)
+
+
+def prune_run_folders(runs_dir: Path, keep: int = KEPT_RUN_FOLDERS,
+                      min_age_s: float = RUN_FOLDER_MIN_AGE_S) -> list[Path]:
+    """Remove the run folders beyond the `keep` most recently used, except those used in the
+    last `min_age_s` seconds (a dbt command of another process may still be writing there:
+    its dbt.log is). dagster-dbt makes one per dbt command and never removes it: a local
+    instance (the UI, the demo, the tests) would otherwise grow by ~3 MB per command."""
+    now = time.time()
+    folders = []
+    for folder in runs_dir.iterdir() if runs_dir.is_dir() else ():
+        if not folder.is_dir():
+            continue
+        try:
+            used = folder.stat().st_mtime
+            log = folder / "dbt.log"
+            if log.exists():
+                used = max(used, log.stat().st_mtime)
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+        folders.append((used, folder))
+    removed = []
+    for used, folder in sorted(folders, reverse=True)[keep:]:
+        if now - used >= min_age_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _manifest_databases(manifest_path: Path) -> set[str]:

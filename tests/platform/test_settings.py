@@ -227,3 +227,33 @@ def test_parse_states_are_kept_per_profile_and_pruned(tmp_path):
     kept = set(demo.parent.glob("*.msgpack"))
     assert kept == {partial_parse_cache(project, local(f"/t{i}/warehouse.duckdb")) for i in (2, 3, 4)}
     assert not any(p.name.endswith(".tmp") for p in demo.parent.iterdir())
+
+
+def test_old_run_folders_are_pruned_but_never_recent_ones(tmp_path):
+    """dagster-dbt leaves one folder per dbt command: beyond the most recent few, folders
+    are removed, except any used within the minimum age (another process's dbt may still be
+    writing there: its dbt.log is fresh even when the folder itself is old)."""
+    import os
+    import time
+
+    from platform_assets.dbt_project import prune_run_folders
+
+    assert prune_run_folders(tmp_path / "none") == []
+    now = time.time()
+    for i in range(6):
+        folder = tmp_path / f"dbt_models-{i}"
+        folder.mkdir()
+        age = 7200 - i * 60 if i < 4 else 60 * (i - 3)  # 0-3 hours old, 4 and 5 a minute or two
+        if i != 3:  # a folder whose dbt never started logging has no dbt.log
+            (folder / "dbt.log").write_text("log")
+            os.utime(folder / "dbt.log", (now - age, now - age))
+        os.utime(folder, (now - age, now - age))
+    (tmp_path / "stray-file").write_text("not a run folder")
+    # Folder 1 is old, but its dbt is still logging.
+    os.utime(tmp_path / "dbt_models-1" / "dbt.log", (now, now))
+    removed = prune_run_folders(tmp_path, keep=1, min_age_s=3600)
+    assert sorted(p.name for p in removed) == ["dbt_models-0", "dbt_models-2", "dbt_models-3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dbt_models-1", "dbt_models-4", "dbt_models-5",
+                                                          "stray-file"]
+    # Nothing old enough: nothing removed, whatever the count.
+    assert prune_run_folders(tmp_path, keep=0, min_age_s=10 * 3600) == []
