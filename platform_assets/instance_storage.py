@@ -33,7 +33,7 @@ from typing import Any
 
 import sqlalchemy as db
 from dagster import Field, StringSource
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import INDEX_SHARD_NAME, SqliteEventLogStorage
 from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 from dagster._core.storage.sql import create_engine
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
@@ -101,7 +101,7 @@ class LocalSqliteEventLogStorage(SqliteEventLogStorage):
                 return engine
             engine = self._engines[shard] = sqlite_engine(self.conn_string_for_shard(shard))
             while len(self._engines) > MAX_CACHED_RUN_ENGINES + 1:  # + the index shard
-                oldest = next(s for s in self._engines if s != "index")
+                oldest = next(s for s in self._engines if s != INDEX_SHARD_NAME)
                 self._engines.pop(oldest).dispose()
             return engine
 

@@ -88,8 +88,11 @@ def test_a_second_process_reads_and_writes_while_the_first_keeps_its_connections
 def test_wipe_leaves_no_connection_on_a_removed_file(home):
     with dg.DagsterInstance.get() as instance:
         run_id = dg.materialize([counted], instance=instance).run_id
+        assert instance.all_logs(run_id)
         instance.wipe()
         assert not (home / "history" / "runs" / f"{run_id}.db").exists()
+        # A connection kept on the removed file would still return the wiped run's events.
+        assert instance.all_logs(run_id) == []
         assert instance.get_latest_materialization_event(dg.AssetKey("counted")) is None
         again = dg.materialize([counted], instance=instance).run_id
         assert instance.get_latest_materialization_event(dg.AssetKey("counted")).run_id == again
