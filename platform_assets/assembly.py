@@ -20,7 +20,7 @@ from .automation import (
 )
 from .checks import build_source_checks, replica_lag_check_keys
 from .dbt_assets import SIZING, WAREHOUSE_POOL, PlatformTranslator, build_dbt_assets
-from .dbt_project import dbt_project_for
+from .dbt_project import dbt_project_for, prepared_parse_state
 from .dbt_resource import PlatformDbtResource, dbt_executable
 from .exports import Exports, build_exports
 from .exposures import Dashboard, dashboard_refresh_sensor, dashboard_specs, dashboards_from_manifest
@@ -110,6 +110,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
                 target=settings.dbt_target,
                 dbt_executable=dbt_executable(warm_start=settings.dbt_warm_start),
                 adapter_in_dagster=settings.engine != "duckdb",
+                warm_parse_state=str(prepared_parse_state(dbt_project)),
             ),
             # EnvVar: the URL (with its password) is never shown in the UI or stored with a run.
             "replica": ReplicaResource(url=dg.EnvVar("REPLICA_URL")),

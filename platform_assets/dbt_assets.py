@@ -195,8 +195,10 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
     with `env` added to the dbt process's environment."""
     now = _preflight(context, settings)  # before anything is created, even the run folder
     target = run_target_path(project, context.op_execution_context.op.name, context.run.run_id)
-    cache = partial_parse_cache(project, now)
-    seed_partial_parse(cache, target)
+    # A windowed run (the daily facts) keeps its own parse state: see partial_parse_cache.
+    windowed = bool(env) and any(name.startswith("PLATFORM_WINDOW_") for name in env)
+    cache = partial_parse_cache(project, now, windowed=windowed)
+    seed_partial_parse(cache, target, fallbacks=(partial_parse_cache(project, now),) if windowed else ())
     with dbt_process_environment(env):
         invocation = dbt.cli(args, context=context, target_path=target)
     yield from _explain_replica_failure(_stream(invocation, context, settings), invocation, context, settings)

@@ -96,27 +96,41 @@ RUN_FOLDER_MIN_AGE_S = 3600
 KEPT_PARSE_STATES = 8
 
 
+def prepared_parse_state(project: DbtProject) -> Path:
+    """The parse state the manifest's preparation saved (`dbt parse` into target/<env>/)."""
+    return Path(project.project_dir) / project.target_path / PARTIAL_PARSE
+
+
 def run_target_path(project: DbtProject, op_name: str, run_id: str) -> Path:
     """A fresh target folder for one dbt invocation, under the environment's own."""
     name = f"{op_name}-{run_id[:7]}-{uuid.uuid4().hex[:7]}"
     return Path(project.project_dir) / project.target_path / "runs" / name
 
 
-def partial_parse_cache(project: DbtProject, settings: PlatformSettings) -> Path:
+def partial_parse_cache(project: DbtProject, settings: PlatformSettings, windowed: bool = False) -> Path:
     """Where the parse state of invocations with these connection settings is kept. Every run
     the platform makes has the same command-line vars (none: the daily window is in the
     environment), so the profile is the only key: switching between warehouses (the demo's,
-    the benchmark's, PostgreSQL's) no longer costs a full parse each way."""
+    the benchmark's, PostgreSQL's) no longer costs a full parse each way.
+
+    `windowed`: the daily facts' runs, whose dbt process has a partition window in its
+    environment, keep a slot of their own. fct_lesson_events reads the window at parse time,
+    so one shared slot made every switch between a daily run and another run re-parse that
+    model and its YAML (1-2 s each way); in its own slot a daily run re-parses only when its
+    window differs from the previous daily run's."""
     key = "|".join(f"{name}={settings.optional(name) or ''}"
                    for name in PROFILE_SETTINGS.get(settings.engine, ()))
-    digest = hashlib.sha1(f"{settings.dbt_target}|{key}".encode()).hexdigest()[:16]
+    slot = f"{settings.dbt_target}|{key}" + ("|window" if windowed else "")
+    digest = hashlib.sha1(slot.encode()).hexdigest()[:16]
     return Path(project.project_dir) / project.target_path / PARSE_STATES / f"{digest}.msgpack"
 
 
-def seed_partial_parse(cache: Path, target: Path) -> None:
-    """The kept state for this profile; else the one the manifest's preparation saved (parsed
-    with the settings the code location loaded with, usually the same profile)."""
-    for source in (cache, cache.parent.parent / PARTIAL_PARSE):
+def seed_partial_parse(cache: Path, target: Path, fallbacks: tuple[Path, ...] = ()) -> None:
+    """The kept state for this profile; else the first of `fallbacks` that exists (e.g. the
+    profile's slot without a window, for a first daily run); else the one the manifest's
+    preparation saved (parsed with the settings the code location loaded with, usually the
+    same profile)."""
+    for source in (cache, *fallbacks, cache.parent.parent / PARTIAL_PARSE):
         if source.exists():
             target.mkdir(parents=True, exist_ok=True)
             try:

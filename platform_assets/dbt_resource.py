@@ -54,10 +54,17 @@ class PlatformDbtResource(DbtCliResource):
         "column-metadata fetchers. False on DuckDB, where the platform reads that metadata itself.",
     )
 
+    warm_parse_state: str | None = Field(
+        default=None,
+        description="A dbt partial-parse state of the project (the one the manifest's preparation "
+        "saved): the warm dbt server reads and writes it once to compile dbt's artifact code before "
+        "forking commands. Missing or None: each command compiles that code itself.",
+    )
+
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         super().setup_for_execution(context)
         if self.dbt_executable == dbt_warm.client_path():
-            dbt_warm.ensure_server()
+            dbt_warm.ensure_server(self.warm_parse_state)
 
     @cached_property
     def _cli_version(self) -> version.Version:

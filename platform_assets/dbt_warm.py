@@ -18,6 +18,10 @@ What keeps it safe:
   that starts a thread (DuckDB starts one on import: the child imports it, 0.1 s), and never
   runs dbt itself, so each child starts from the state a fresh `dbt` would have after its
   imports. A server that finds a second thread anyway refuses to start.
+- Given the project's parse state (the dbt resource passes the one the manifest's
+  preparation saved), the server also reads and writes it once before forking: dbt's
+  dataclasses compile their (de)serialisation code lazily, per process, which cost every
+  command about a second of CPU. Only that class-level code is kept (`_compile_artifact_codecs`).
 - Without a server (not started, disabled with DBT_WARM_START=0, or gone) the client
   replaces itself with the environment's own `dbt` (exec): the same command, cold.
 - The server exits when the Dagster process that started it goes away (a pipe it holds
@@ -163,15 +167,17 @@ class Server:
             self.process.wait()
 
 
-def start_server() -> Server:
+def start_server(parse_state: str | None = None) -> Server:
     """A new server, a child of this process (in a session of its own, so a Ctrl-C meant for
-    this process reaches dbt through the client, not the server)."""
+    this process reaches dbt through the client, not the server). `parse_state`: a dbt
+    partial-parse state of the project, to compile dbt's artifact code with before forking."""
     folder = tempfile.mkdtemp(prefix="platform-dbt-server-")
     socket_path = os.path.join(folder, "dbt.sock")
     read_end, write_end = os.pipe()
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "platform_assets.dbt_warm", socket_path, str(read_end)],
+            [sys.executable, "-m", "platform_assets.dbt_warm", socket_path, str(read_end),
+             *([parse_state] if parse_state else [])],
             pass_fds=(read_end,), stdin=subprocess.DEVNULL, start_new_session=True,
         )
     except BaseException:
@@ -186,14 +192,14 @@ _server: Server | None = None
 _server_lock = threading.Lock()
 
 
-def ensure_server() -> Server:
+def ensure_server(parse_state: str | None = None) -> Server:
     """This process's server (started on first use, stopped when the process exits), with
     its socket and pid in os.environ for the dbt processes dagster-dbt
     starts (it hands them a copy of os.environ)."""
     global _server
     with _server_lock:
         if _server is None or _server.process.poll() is not None:
-            _server = start_server()
+            _server = start_server(parse_state)
             atexit.register(_server.stop)
         os.environ.update(_server.environ())
         return _server
@@ -202,10 +208,16 @@ def ensure_server() -> Server:
 def _import_dbt() -> None:
     """What every dbt command would import and build before reading the project."""
     import dbt.cli.main  # noqa: F401
-    from dbt.contracts.project import Project, ProjectFlags
+    from dbt.contracts.project import (
+        Configuration,
+        PackageConfig,
+        ProfileConfig,
+        Project,
+        ProjectFlags,
+    )
     from dbt.contracts.selection import SelectorFile
 
-    for cls in (Project, ProjectFlags, SelectorFile):
+    for cls in (Project, ProjectFlags, SelectorFile, Configuration, PackageConfig, ProfileConfig):
         cls.json_schema()
     for adapter in ("postgres", "redshift"):  # not duckdb: importing it starts a thread
         try:
@@ -213,6 +225,37 @@ def _import_dbt() -> None:
             module.Plugin.credentials.json_schema()
         except ImportError:
             continue
+
+
+def _compile_artifact_codecs(parse_state: str | None) -> None:
+    """Compile the (de)serializers every dbt command compiles before it runs anything.
+
+    dbt's dataclasses compile their to/from-dict and msgpack code lazily (mashumaro), on a
+    process's first use: each command spent about a second of CPU reading the partial-parse
+    state and writing manifest.json. Reading a parse state of the project (`parse_state`,
+    the one the manifest's preparation saved) and serialising it once compiles that code
+    here, before the fork. Only class-level code is cached: the manifest is dropped, dbt's
+    global flags are put back, and the manifest's lock is a fork-context one (a spawn-context
+    lock would start multiprocessing's resource tracker, which the children would share)."""
+    if not parse_state or not os.path.isfile(parse_state):
+        return
+    import multiprocessing
+    from argparse import Namespace
+    from unittest import mock
+
+    import dbt.contracts.graph.manifest as manifest_module
+    from dbt.flags import get_flags, set_flags
+
+    saved = get_flags()
+    with mock.patch.object(manifest_module, "get_mp_context", lambda: multiprocessing.get_context("fork")):
+        manifest = manifest_module.Manifest.from_msgpack(Path(parse_state).read_bytes())
+        set_flags(Namespace(SEND_ANONYMOUS_USAGE_STATS=False))
+        try:
+            manifest.writable_manifest().to_dict(omit_none=False)
+            manifest.to_msgpack()
+        finally:
+            set_flags(saved)
+    del manifest
 
 
 def _child(request: dict, fds: list[int]) -> None:
@@ -251,8 +294,13 @@ def _child(request: dict, fds: list[int]) -> None:
             os._exit(code)
 
 
-def serve(socket_path: str, keepalive_fd: int) -> None:
+def serve(socket_path: str, keepalive_fd: int, parse_state: str | None = None) -> None:
     _import_dbt()
+    try:
+        _compile_artifact_codecs(parse_state)
+    except Exception as exc:  # noqa: BLE001 - an optimisation: dbt compiles the code itself
+        print(f"warm dbt server: could not pre-compile dbt's artifact code from {parse_state}: {exc!r}",
+              file=sys.stderr)
     threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
     if threads > 1:
         sys.exit(f"warm dbt server: {threads} threads after importing dbt; not forking (dbt runs cold)")
@@ -371,4 +419,4 @@ def serve(socket_path: str, keepalive_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]))
+    serve(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)

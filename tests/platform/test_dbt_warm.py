@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,3 +149,51 @@ def test_a_dead_server_is_not_waited_for(server, monkeypatch):
     assert not dbt_warm._alive(pid)
     monkeypatch.setenv(dbt_warm.ENV_SERVER_PID, str(pid))
     assert dbt_warm._connect(server.socket_path) is None
+
+
+def test_a_server_given_a_parse_state_compiles_dbts_artifact_code_before_forking(tiny, tmp_path):
+    """With the project's parse state, the server compiles the code dbt reads and writes it
+    with (mashumaro compiles lazily, per process) and otherwise stays as it was: one thread,
+    no child process (no multiprocessing resource tracker), commands unchanged."""
+    root, env = tiny
+    assert _run([dbt_warm.real_dbt(), "parse", "-q"], root, env).returncode == 0
+    state = tmp_path / "target" / "partial_parse.msgpack"
+    assert state.exists()
+    # In a fresh interpreter: after the warm-up, reading the state compiles nothing more.
+    probe = (
+        "import sys\n"
+        "from mashumaro.core.meta.code.builder import CodeBuilder\n"
+        "from platform_assets import dbt_warm\n"
+        "dbt_warm._import_dbt()\n"
+        "if sys.argv[1] == 'warm':\n"
+        "    dbt_warm._compile_artifact_codecs(sys.argv[2])\n"
+        "compiled = []\n"
+        "original = CodeBuilder.add_unpack_method\n"
+        "def counting(self):\n"
+        "    compiled.append(self.cls.__name__)\n"
+        "    return original(self)\n"
+        "CodeBuilder.add_unpack_method = counting\n"
+        "from dbt.contracts.graph.manifest import Manifest\n"
+        "Manifest.from_msgpack(open(sys.argv[2], 'rb').read())\n"
+        "print(len(compiled))\n"
+    )
+    counts = {}
+    for mode in ("cold", "warm"):
+        out = subprocess.run([sys.executable, "-c", probe, mode, str(state)], capture_output=True,
+                             text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr
+        counts[mode] = int(out.stdout.split()[-1])
+    assert counts["cold"] > 0 and counts["warm"] == 0, counts
+
+    srv = dbt_warm.start_server(str(state))
+    try:
+        warm_env = {**env, **srv.environ()}
+        client = dbt_warm.client_executable()
+        assert sorted(_run([client, "ls", "-q"], root, warm_env).stdout.split()) == ["tiny.one", "tiny.two"]
+        assert len(os.listdir(f"/proc/{srv.process.pid}/task")) == 1
+        assert _children(srv.process.pid) == []
+        build = _run([client, "build", "-q"], root, warm_env)
+        assert build.returncode == 0, build.stdout + build.stderr
+    finally:
+        srv.stop()
+    assert srv.process.returncode == 0

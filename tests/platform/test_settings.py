@@ -217,6 +217,18 @@ def test_parse_states_are_kept_per_profile_and_pruned(tmp_path):
     assert (tmp_path / "run2" / PARTIAL_PARSE).read_bytes() == b"demo state"
     seed_partial_parse(bench, tmp_path / "run3")
     assert (tmp_path / "run3" / PARTIAL_PARSE).read_bytes() == b"prepared"
+    # The daily facts' runs (a window in their environment) keep a slot of their own; the
+    # first one starts from the profile's plain slot, and gives back to its own.
+    daily = partial_parse_cache(project, local("/a/warehouse.duckdb"), windowed=True)
+    assert daily not in (demo, bench) and daily == partial_parse_cache(project, local("/a/warehouse.duckdb"), True)
+    seed_partial_parse(daily, tmp_path / "run4", fallbacks=(demo,))
+    assert (tmp_path / "run4" / PARTIAL_PARSE).read_bytes() == b"demo state"
+    (tmp_path / "run4" / PARTIAL_PARSE).write_bytes(b"daily state")
+    keep_partial_parse(tmp_path / "run4", daily)
+    seed_partial_parse(daily, tmp_path / "run5", fallbacks=(demo,))
+    assert (tmp_path / "run5" / PARTIAL_PARSE).read_bytes() == b"daily state"
+    assert demo.read_bytes() == b"demo state"
+    daily.unlink()
 
     # Only `keep` states stay: the least recently used go.
     os.utime(demo, (time.time() - 1000, time.time() - 1000))
