@@ -151,7 +151,8 @@ def full_refresh(platform: Platform, instance: dg.DagsterInstance, progress,
         with environ({"DBT_INDIRECT_SELECTION": "cautious"}):
             r.subset("staging, dimensions, snapshots", before_daily)
     if r.daily_keys & keys:
-        r.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1])
+        r.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1],
+                r.daily_keys & keys)
     if after_daily:
         r.subset("marts and views over the facts", after_daily)
     return {"materialized": r.materialized & keys, "expected": keys}
@@ -173,10 +174,7 @@ def refresh(platform: Platform, instance: dg.DagsterInstance, cursor, progress, 
             break
         if requested - r.daily_keys:
             r.subset("requested models", requested - r.daily_keys)
-        for key in requested & r.daily_keys:
-            partitions = sorted(p for p in result.get_requested_partitions(key) if p)
-            if partitions:
-                r.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1])
+        r.requested_daily(result, requested)
     return {"materialized": r.materialized, "cursor": cursor}
 
 

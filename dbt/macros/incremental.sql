@@ -96,11 +96,31 @@
 {% endmacro %}
 
 
+{#- The window widened to whole UTC days (start down to its midnight, end up to the next
+    one), for models built per day: a day is recomputed whole or not at all. The daily
+    partitions' windows are whole days already; a data engineer's --vars need not be. -#}
+{% macro whole_days(window) %}
+  {% if not window %}
+    {{ return(none) }}
+  {% endif %}
+  {% set dt = modules.datetime %}
+  {% set start = dt.datetime.fromisoformat(window.start) %}
+  {% set end = dt.datetime.fromisoformat(window.end) %}
+  {% set first_day = start.replace(hour=0, minute=0, second=0, microsecond=0) %}
+  {% set end_day = end.replace(hour=0, minute=0, second=0, microsecond=0) %}
+  {% if end_day < end %}
+    {% set end_day = end_day + dt.timedelta(days=1) %}
+  {% endif %}
+  {{ return({'start': first_day.isoformat(' '), 'end': end_day.isoformat(' ')}) }}
+{% endmacro %}
+
+
 {#- Pre-hook of a windowed incremental run: empty the window first, so that the run
     replaces it exactly (rows deleted on the replica disappear too); nothing outside the
-    window is touched. Renders to nothing without a window or on a first build. -#}
-{% macro delete_event_window(column) %}
-  {% set window = event_window() %}
+    window is touched. `days`: the window widened to whole days (whole_days). Renders to
+    nothing without a window or on a first build. -#}
+{% macro delete_event_window(column, days=false) %}
+  {% set window = whole_days(event_window()) if days else event_window() %}
   {% if window and is_incremental() %}
     delete from {{ this }} where {{ in_event_window(column, window) }}
   {% endif %}

@@ -89,6 +89,7 @@ class Scenario:
     pg_objects: dict[str, dict] = field(default_factory=dict)
     window: dict[str, str] = field(default_factory=dict)
     window_check: dict[str, dict] = field(default_factory=dict)
+    activity_window: dict[str, dict] = field(default_factory=dict)
     incremental: dict[str, dict[str, list[tuple]]] = field(default_factory=dict)
     full_refresh: dict[str, dict[str, list[tuple]]] = field(default_factory=dict)
     simulated: list[dict] = field(default_factory=list)
@@ -201,9 +202,12 @@ def _build_scenario(pg_env, tmp_path_factory) -> Scenario:
         "window_end": (today - timedelta(days=2)).isoformat(),
     }
     before_window = {e: _fact_rows(scenario.warehouses[e]) for e in ENGINES}
+    before_activity = {e: _activity_rows(scenario.warehouses[e]) for e in ENGINES}
     # The two ways of giving the window: on pg as --vars (a data engineer's backfill from the
     # dbt CLI), on DuckDB in the environment (as the orchestrator's daily runs pass it).
-    on_both("window", "run", "--select", "fct_lesson_events", target_dir="target-window",
+    # Both daily-partitioned facts, as a partition run of the daily set builds them.
+    on_both("window", "run", "--select", "fct_lesson_events", "fct_daily_learning_activity",
+            target_dir="target-window",
             engine_args={"pg": ("--vars", json.dumps(scenario.window))},
             engine_env={"duckdb": {"PLATFORM_WINDOW_START": scenario.window["window_start"],
                                    "PLATFORM_WINDOW_END": scenario.window["window_end"]}})
@@ -215,6 +219,12 @@ def _build_scenario(pg_env, tmp_path_factory) -> Scenario:
             "after": _fact_rows(scenario.warehouses[engine]),
             "replica_ids": in_window,
         }
+        scenario.activity_window[engine] = {"before": before_activity[engine],
+                                            "after": _activity_rows(scenario.warehouses[engine])}
+    # The daily activity without a window: a table rebuilt in full from the fact as it now is.
+    on_both("activity_rebuilt", "run", "--select", "fct_daily_learning_activity", target_dir="target-rebuild")
+    for engine in ENGINES:
+        scenario.activity_window[engine]["rebuilt"] = _activity_rows(scenario.warehouses[engine])
     # What the orchestrator runs for the incremental facts (their tests, the reconciliation
     # test and the unit tests come with them).
     on_both("build_3", "build", "--select", "config.materialized:incremental")
@@ -291,6 +301,13 @@ def dbt_extras(dbt_scenario: Scenario, tmp_path_factory) -> Extras:
         extras.prod_manifest = prod.manifest()
     extras.seconds = time.monotonic() - started
     return extras
+
+
+def _activity_rows(wh: Warehouse) -> dict:
+    """fct_daily_learning_activity by (company_id, course_id, activity_date)."""
+    columns, rows = wh.query("select * from marts.fct_daily_learning_activity")
+    key = [columns.index(c) for c in ("company_id", "course_id", "activity_date")]
+    return {"columns": columns, "rows": {tuple(row[i] for i in key): row for row in rows}}
 
 
 def _fact_rows(wh: Warehouse) -> dict:

@@ -78,6 +78,28 @@ def test_window_run_replaces_exactly_the_window(dbt_scenario: Scenario, engine: 
     assert set(in_window) - set(before), "the window should have picked up late events"
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_window_run_recomputes_the_windows_days_of_the_daily_activity(dbt_scenario: Scenario, engine: str):
+    """fct_daily_learning_activity in a window run (a daily partition): the window's days
+    exactly as a full rebuild computes them from the same fct_lesson_events, every other day
+    untouched."""
+    check = dbt_scenario.activity_window[engine]
+    start, end = dbt_scenario.window["window_start"], dbt_scenario.window["window_end"]
+
+    def split(rows: dict) -> tuple[dict, dict]:
+        inside = {k: r for k, r in rows.items() if start <= k[2].isoformat() < end}
+        return inside, {k: r for k, r in rows.items() if k not in inside}
+
+    before_in, before_out = split(check["before"]["rows"])
+    after_in, after_out = split(check["after"]["rows"])
+    rebuilt_in, _ = split(check["rebuilt"]["rows"])
+    assert after_out == before_out, "a day outside the window changed"
+    assert after_in == rebuilt_in, "the window's days differ from a full rebuild"
+    assert after_in != before_in, "the window's late events should have changed its days"
+    print(f"\ndaily activity [{engine}]: {len(after_in)} rows of the window's days recomputed, "
+          f"{len(after_out)} outside it untouched")
+
+
 def test_every_incremental_model_is_compared(dbt_scenario: Scenario):
     """incremental = full refresh covers every incremental model the project has."""
     incremental = {

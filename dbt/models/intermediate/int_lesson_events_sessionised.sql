@@ -1,7 +1,10 @@
 -- A learning session: a learner's consecutive events on one UTC day with no gap longer than
 -- var('session_gap_minutes'). Sessions are cut at midnight so that every day (and so every
 -- daily partition of the facts) can be computed on its own.
--- Reads the warehouse copy of the events (fct_lesson_events), not the replica.
+-- Reads the warehouse copy of the events (fct_lesson_events), not the replica. With a window
+-- (a daily partition run of fct_daily_learning_activity, macros/incremental.sql), only the
+-- window's days, whole.
+{%- set days = whole_days(event_window()) %}
 with events as (
 
     select
@@ -15,6 +18,9 @@ with events as (
         occurred_at,
         event_date
     from {{ ref('fct_lesson_events') }}
+    {%- if days %}
+    where {{ in_event_window('occurred_at', days) }}
+    {%- endif %}
 
 ),
 

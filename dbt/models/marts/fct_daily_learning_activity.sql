@@ -1,4 +1,21 @@
-{{ config(**table_layout(dist='even', sort=['activity_date'])) }}
+{#-
+  Per UTC day, so built per day: sessions are cut at midnight, and a day reads only that
+  day's events. Tag daily_partitioned: in Dagster it shares the daily partitions (and the
+  runs) of fct_lesson_events, which it reads.
+    window     (a partition run, or vars window_start/window_end): the window's days, whole,
+               are deleted (pre-hook, same transaction) and recomputed from
+               fct_lesson_events; nothing outside them is touched. Incremental, appended.
+    otherwise  a table, rebuilt in full (a plain `dbt build`, a full refresh): every day,
+               including those a watermark run of fct_lesson_events added late events to.
+-#}
+{%- set window = event_window() -%}
+{{ config(
+    materialized=('incremental' if window else 'table'),
+    incremental_strategy='append',
+    tags=['daily_partitioned'],
+    pre_hook="{{ delete_event_window('activity_date', days=true) }}",
+    **table_layout(dist='even', sort=['activity_date'])
+) }}
 -- Learning activity per company, course and day, with sessions (a session that touches two
 -- courses counts once for each).
 with events as (

@@ -66,9 +66,18 @@ class Runner:
     def observe(self) -> None:
         self.run("observe federated sources", self.defs.resolve_job_def("observe_federated_sources"))
 
-    def daily(self, label: str, first: str, last: str) -> None:
-        self.run(label, self.global_job.get_subset(asset_selection=self.daily_keys),
+    def daily(self, label: str, first: str, last: str, keys: set[dg.AssetKey] | None = None) -> None:
+        """One run of the daily facts (`keys` of them; all by default) over a partition range."""
+        self.run(label, self.global_job.get_subset(asset_selection=keys or self.daily_keys),
                  tags={PARTITION_RANGE_START: first, PARTITION_RANGE_END: last})
+
+    def requested_daily(self, result, requested: set[dg.AssetKey]) -> None:
+        """The daily facts an automation evaluation requested, in one run over the range of
+        their requested partitions (they are one asset set: one run builds them together)."""
+        keys = requested & self.daily_keys
+        partitions = sorted({p for key in keys for p in result.get_requested_partitions(key) if p})
+        if partitions:
+            self.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1], keys)
 
     def subset(self, label: str, keys: set[dg.AssetKey]) -> None:
         self.run(label, self.global_job.get_subset(asset_selection=keys))
@@ -137,8 +146,8 @@ def run_all(platform, instance: dg.DagsterInstance, progress=print) -> dict:
 def refresh(platform, instance: dg.DagsterInstance, cursor, progress=print, max_ticks: int = 3) -> dict:
     """What the automation sensors would do now: observe, evaluate, run what is requested.
 
-    Ticks until nothing more is requested (the marts over the daily fact follow the tick
-    after its partition). Returns the summary and the automation cursor to keep.
+    Ticks until nothing more is requested (anything stored below the daily facts would follow
+    the tick after their partition). Returns the summary and the automation cursor to keep.
     """
     started = time.monotonic()
     r = Runner(platform, instance, progress)
@@ -153,10 +162,7 @@ def refresh(platform, instance: dg.DagsterInstance, cursor, progress=print, max_
         others = requested - r.daily_keys - r.export_keys
         if others:
             r.subset("requested models", others)
-        for key in requested & r.daily_keys:
-            partitions = sorted(p for p in result.get_requested_partitions(key) if p)
-            if partitions:
-                r.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1])
+        r.requested_daily(result, requested)
     # New companies get their export at once (the company_partitions sensor); a changed mart
     # reaches every export on the nightly schedule, which the demo does right away.
     added, _ = r.sync_companies()
