@@ -17,6 +17,7 @@ from unittest import mock
 import dagster as dg
 import pytest
 
+import platform_assets.instance_storage as storage_module
 from platform_assets.instance_storage import (
     MAX_CACHED_RUN_ENGINES,
     LocalSqliteEventLogStorage,
@@ -119,3 +120,57 @@ def test_without_dagster_home_or_base_dir_the_error_names_them(monkeypatch):
     for cls in (LocalSqliteEventLogStorage, LocalSqliteRunStorage):
         with pytest.raises(StorageSettingError, match="DAGSTER_HOME.*base_dir"):
             cls.from_config_value(None, {})
+
+
+DAYS = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_date="2026-03-01")
+
+
+@dg.asset(partitions_def=DAYS, backfill_policy=dg.BackfillPolicy.single_run(),
+          check_specs=[dg.AssetCheckSpec("positive", asset="daily_counted"),
+                       dg.AssetCheckSpec("not_empty", asset="daily_counted")])
+def daily_counted(context):
+    yield dg.MaterializeResult(metadata={"days": len(context.partition_keys)})
+    yield dg.AssetCheckResult(check_name="positive", passed=True)
+    yield dg.AssetCheckResult(check_name="not_empty", passed=True)
+
+
+def test_planned_checks_of_a_partition_range_are_the_rows_dagster_writes(home, tmp_path):
+    """The planned checks of a single-run backfill are stored once per partition (the event
+    serialised once here, once per row in Dagster's storage): the same rows as Dagster's own
+    SQLite storage writes for the same run."""
+    from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable
+    from dagster._core.storage.sqlalchemy_compat import db_select
+    from dagster._serdes import deserialize_value
+
+    plain_home = tmp_path / "plain"
+    plain_home.mkdir()
+    (plain_home / "dagster.yaml").write_text(f"storage:\n  sqlite:\n    base_dir: {plain_home}\n")
+    tags = {"dagster/asset_partition_range_start": "2026-01-01",
+            "dagster/asset_partition_range_end": "2026-02-28"}
+    rows = {}
+    for name, instance in (("local", dg.DagsterInstance.get()),
+                           ("plain", dg.DagsterInstance.from_config(str(plain_home)))):
+        with instance:
+            if name == "local":
+                assert isinstance(instance.event_log_storage, LocalSqliteEventLogStorage)
+            with mock.patch.object(storage_module, "serialize_value",
+                                   wraps=storage_module.serialize_value) as serialized:
+                result = dg.materialize([daily_counted], instance=instance, tags=tags)
+            assert result.success
+            # here: once per planned check, not once per partition
+            assert serialized.call_count == (2 if name == "local" else 0)
+            table = AssetCheckExecutionsTable
+            with instance.event_log_storage.index_connection() as conn:
+                found = conn.execute(db_select([
+                    table.c.asset_key, table.c.check_name, table.c.partition, table.c.run_id,
+                    table.c.execution_status, table.c.evaluation_event])).fetchall()
+            rows[name] = sorted(
+                (r.check_name, r.partition or "", r.execution_status,
+                 type(deserialize_value(r.evaluation_event).dagster_event.event_specific_data).__name__)
+                for r in found
+            )
+            assert {r.run_id for r in found} == {result.run_id}
+    print(f"\n{len(rows['local'])} check rows; e.g. {rows['local'][:2]}")
+    planned = [r for r in rows["local"] if r[3] == "AssetCheckEvaluationPlanned"]
+    assert len(planned) == 2 * 59  # two checks, 59 days
+    assert rows["local"] == rows["plain"]
