@@ -4,7 +4,7 @@ Dagster's SQLite run and event log storages build a new SQLAlchemy engine, and o
 SQLite connection, for every use (`NullPool`). So every statement is compiled again, and
 every write ends with the connection's close, which in WAL mode (Dagster sets it) is the
 last connection to the file: SQLite checkpoints the log into the database and fsyncs it.
-A full refresh of the platform stores about 700 events (every dbt test is an asset check,
+A full refresh of the platform stores about 1,000 events (every dbt test is an asset check,
 every daily partition its own materialization): measured here, about 20 ms each, most of
 it those costs.
 
