@@ -4,7 +4,8 @@
   runs) of fct_lesson_events, which it reads.
     window     (a partition run, or vars window_start/window_end): the window's days, whole,
                are deleted (pre-hook, same transaction) and recomputed from
-               fct_lesson_events; nothing outside them is touched. Incremental, appended.
+               fct_lesson_events; nothing outside them is touched. Incremental, appended;
+               a changed column list fails the run (rebuild it without a window first).
     otherwise  a table, rebuilt in full (a plain `dbt build`, a full refresh): every day,
                including those a watermark run of fct_lesson_events added late events to.
 -#}
@@ -12,6 +13,7 @@
 {{ config(
     materialized=('incremental' if window else 'table'),
     incremental_strategy='append',
+    on_schema_change='fail',
     tags=['daily_partitioned'],
     pre_hook="{{ delete_event_window('activity_date', days=true) }}",
     **table_layout(dist='even', sort=['activity_date'])
