@@ -36,6 +36,7 @@ from .automation import automation_for
 from .dbt_project import (
     keep_partial_parse,
     partial_parse_cache,
+    prepared_parse_state,
     prune_run_folders,
     run_target_path,
     seed_partial_parse,
@@ -195,10 +196,12 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
     with `env` added to the dbt process's environment."""
     now = _preflight(context, settings)  # before anything is created, even the run folder
     target = run_target_path(project, context.op_execution_context.op.name, context.run.run_id)
-    # A windowed run (the daily facts) keeps its own parse state: see partial_parse_cache.
-    windowed = bool(env) and any(name.startswith("PLATFORM_WINDOW_") for name in env)
+    # The only environment a set adds is the daily facts' window: such a run keeps its own
+    # parse state (see partial_parse_cache), first seeded from the profile's plain one.
+    windowed = bool(env)
     cache = partial_parse_cache(project, now, windowed=windowed)
-    seed_partial_parse(cache, target, fallbacks=(partial_parse_cache(project, now),) if windowed else ())
+    plain = [partial_parse_cache(project, now)] if windowed else []
+    seed_partial_parse(target, cache, *plain, prepared_parse_state(project))
     with dbt_process_environment(env):
         invocation = dbt.cli(args, context=context, target_path=target)
     yield from _explain_replica_failure(_stream(invocation, context, settings), invocation, context, settings)

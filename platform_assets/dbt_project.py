@@ -125,12 +125,12 @@ def partial_parse_cache(project: DbtProject, settings: PlatformSettings, windowe
     return Path(project.project_dir) / project.target_path / PARSE_STATES / f"{digest}.msgpack"
 
 
-def seed_partial_parse(cache: Path, target: Path, fallbacks: tuple[Path, ...] = ()) -> None:
-    """The kept state for this profile; else the first of `fallbacks` that exists (e.g. the
-    profile's slot without a window, for a first daily run); else the one the manifest's
-    preparation saved (parsed with the settings the code location loaded with, usually the
-    same profile)."""
-    for source in (cache, *fallbacks, cache.parent.parent / PARTIAL_PARSE):
+def seed_partial_parse(target: Path, *candidates: Path) -> None:
+    """Seed a run folder with the first of `candidates` that exists: the kept state for this
+    profile, then e.g. the profile's slot without a window (for a first daily run), then the
+    one the manifest's preparation saved (`prepared_parse_state`: parsed with the settings
+    the code location loaded with, usually the same profile)."""
+    for source in candidates:
         if source.exists():
             target.mkdir(parents=True, exist_ok=True)
             try:

@@ -185,6 +185,7 @@ def test_parse_states_are_kept_per_profile_and_pruned(tmp_path):
         PARTIAL_PARSE,
         keep_partial_parse,
         partial_parse_cache,
+        prepared_parse_state,
         seed_partial_parse,
     )
 
@@ -205,27 +206,28 @@ def test_parse_states_are_kept_per_profile_and_pruned(tmp_path):
 
     # Nothing kept for a profile yet: the preparation's state (target/<env>/), if any.
     prepared = tmp_path / "target" / "local" / PARTIAL_PARSE
+    assert prepared == prepared_parse_state(project)
     prepared.parent.mkdir(parents=True)
     prepared.write_bytes(b"prepared")
     run = tmp_path / "run1"
-    seed_partial_parse(demo, run)
+    seed_partial_parse(run, demo, prepared_parse_state(project))
     assert (run / PARTIAL_PARSE).read_bytes() == b"prepared"
     # What the run saved is given back to its profile's slot, and seeds the next run.
     (run / PARTIAL_PARSE).write_bytes(b"demo state")
     keep_partial_parse(run, demo)
-    seed_partial_parse(demo, tmp_path / "run2")
+    seed_partial_parse(tmp_path / "run2", demo, prepared_parse_state(project))
     assert (tmp_path / "run2" / PARTIAL_PARSE).read_bytes() == b"demo state"
-    seed_partial_parse(bench, tmp_path / "run3")
+    seed_partial_parse(tmp_path / "run3", bench, prepared_parse_state(project))
     assert (tmp_path / "run3" / PARTIAL_PARSE).read_bytes() == b"prepared"
     # The daily facts' runs (a window in their environment) keep a slot of their own; the
     # first one starts from the profile's plain slot, and gives back to its own.
     daily = partial_parse_cache(project, local("/a/warehouse.duckdb"), windowed=True)
     assert daily not in (demo, bench) and daily == partial_parse_cache(project, local("/a/warehouse.duckdb"), True)
-    seed_partial_parse(daily, tmp_path / "run4", fallbacks=(demo,))
+    seed_partial_parse(tmp_path / "run4", daily, demo, prepared_parse_state(project))
     assert (tmp_path / "run4" / PARTIAL_PARSE).read_bytes() == b"demo state"
     (tmp_path / "run4" / PARTIAL_PARSE).write_bytes(b"daily state")
     keep_partial_parse(tmp_path / "run4", daily)
-    seed_partial_parse(daily, tmp_path / "run5", fallbacks=(demo,))
+    seed_partial_parse(tmp_path / "run5", daily, demo, prepared_parse_state(project))
     assert (tmp_path / "run5" / PARTIAL_PARSE).read_bytes() == b"daily state"
     assert demo.read_bytes() == b"demo state"
     daily.unlink()
