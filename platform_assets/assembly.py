@@ -71,8 +71,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
     )
     daily_facts_job = dg.define_asset_job(
         "daily_facts",
-        selection=dg.AssetSelection.assets(dbt_daily_facts),
-        partitions_def=dbt_daily_facts.partitions_def,
+        selection=dg.AssetSelection.assets(dbt_daily_facts),  # daily partitions: those of the assets
         tags=SIZING["daily"],
         description="The daily-partitioned facts; backfills of any range run as one dbt invocation.",
     )
@@ -90,7 +89,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
         jobs=[observe_job, daily_facts_job, dbt_job, exports.job],
         schedules=[
             observe_schedule(observe_job, settings.observe_cron),
-            late_events_schedule(daily_facts_job, SIZING["daily"]),
+            late_events_schedule(daily_facts_job, dbt_daily_facts.partitions_def, SIZING["daily"]),
             exports.schedule,
         ],
         sensors=[

@@ -132,7 +132,10 @@ def observe_schedule(job, cron: str) -> dg.ScheduleDefinition:
     )
 
 
-def late_events_schedule(job, run_tags: Mapping[str, str], days: int = 7) -> dg.ScheduleDefinition:
+def late_events_schedule(job, partitions_def: dg.PartitionsDefinition, run_tags: Mapping[str, str],
+                         days: int = 7) -> dg.ScheduleDefinition:
+    """A nightly run of the trailing `days` days and today, as one partition range (`job`
+    is the daily facts' asset job; its partitions are those of the assets it selects)."""
     @dg.schedule(
         name="late_events_sweep",
         job=job,
@@ -141,11 +144,13 @@ def late_events_schedule(job, run_tags: Mapping[str, str], days: int = 7) -> dg.
         description=f"Re-processes the trailing {days} days of the daily facts in one run (late events).",
     )
     def _sweep(context: dg.ScheduleEvaluationContext):
-        partitions_def = job.partitions_def
         keys = partitions_def.get_partition_keys(
             current_time=context.scheduled_execution_time, dynamic_partitions_store=None
         )
         window = keys[-(days + 1):]
+        if not window:
+            return dg.SkipReason(f"no daily partition has started by {context.scheduled_execution_time} "
+                                 f"(FACT_PARTITIONS_START)")
         return dg.RunRequest(
             run_key=f"late-events-{window[-1]}",
             tags={

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -138,6 +139,34 @@ def test_export_asset_is_partitioned_by_company(local_platform):
     assert {p.to_user_string() for p in node.parent_keys} == {
         "marts/fct_enrollments", "marts/dim_companies", "marts/dim_courses"}
     assert local_platform.defs.resolve_sensor_def("company_partitions").default_status.value == "RUNNING"
+
+
+def test_daily_facts_job_and_late_events_sweep_are_daily_partitioned(local_platform):
+    """The job's partitions come from the assets it selects (no partitions_def of its own,
+    deprecated in Dagster); the nightly sweep asks for the trailing seven days and the
+    scheduled day as one range, in that job."""
+    defs = local_platform.defs
+    job = defs.resolve_job_def("daily_facts")
+    assert job.partitions_def == local_platform.platform.dbt_daily_facts.partitions_def
+    schedule = defs.resolve_schedule_def("late_events_sweep")
+    assert schedule.job_name == "daily_facts"
+    start = datetime.combine(date.fromisoformat(local_platform.platform.settings.partitions_start),
+                             time(2, 30), tzinfo=UTC)
+
+    def tick(at: datetime):
+        with dg.instance_for_test() as instance:
+            return schedule.evaluate_tick(dg.build_schedule_context(instance=instance, scheduled_execution_time=at))
+
+    request = tick(start + timedelta(days=20)).run_requests[0]
+    day = lambda n: (start + timedelta(days=n)).date().isoformat()  # noqa: E731
+    # the daily partitions end a day after the schedule's own day (end_offset=1)
+    assert request.tags["dagster/asset_partition_range_start"] == day(13)
+    assert request.tags["dagster/asset_partition_range_end"] == day(20)
+    assert request.run_key == f"late-events-{day(20)}"
+    assert request.tags["ecs/cpu"] == "2048"
+    # before the first partition: a skip saying why, not an error
+    early = tick(start - timedelta(days=3))
+    assert not early.run_requests and "FACT_PARTITIONS_START" in early.skip_message
 
 
 def test_webserver_graphql_lists_every_asset_with_its_dependencies(platform_webserver, local_platform):
