@@ -5,6 +5,9 @@ refresh after five rounds of application changes (churn, late events)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from .conftest import CHURN_EVENTS, CHURN_ROUNDS, ENGINES, INCREMENTAL_MARTS, Scenario
@@ -53,6 +56,41 @@ def test_federation_on_duckdb_attaches_read_only_per_run(dbt_scenario: Scenario)
         assert "attached the replica read-only" in dbt_scenario.steps[step]["duckdb"].output
     # Nothing of the federation persists in the warehouse file.
     assert "replica" not in dbt_scenario.warehouses["duckdb"].attached_catalogs()
+
+
+# Another process reading the DuckDB file: it holds the file's lock until it exits.
+_READER = "import sys, time, duckdb; c = duckdb.connect(sys.argv[1], read_only=True); print('reading', flush=True); " \
+          "time.sleep(float(sys.argv[2]))"
+
+
+def _reader(path: str, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _READER, path, str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "reading"
+    return proc
+
+
+def test_duckdb_run_waits_for_a_reader_of_the_file(dbt_scenario: Scenario):
+    """A reader of the warehouse file (the export sensor, a notebook) delays a dbt run by a
+    few seconds instead of failing it: the local profile's connect attempts (profiles.yml)."""
+    duck = dbt_scenario.runners["duckdb"]
+    path = duck.env["DUCKDB_PATH"]
+    reader = _reader(path, 120)
+    try:
+        once = duck("run", "--select", "dim_date", check=False, extra_env={"DUCKDB_CONNECT_ATTEMPTS": "1"})
+    finally:
+        reader.kill()
+        reader.wait()
+    assert not once.ok and "Could not set lock" in once.output, once.describe()
+    # The default attempts (again after 1, 2 and 4 s): the reader lets go 2 s after the time
+    # dbt took above to reach its first attempt, so that attempt meets the lock again.
+    reader = _reader(path, once.seconds + 2)
+    try:
+        waited = duck("run", "--select", "dim_date", check=False)
+    finally:
+        reader.wait()
+    assert waited.ok, waited.describe()
+    assert waited.statuses() == {"model.reporting.dim_date": "success"} | {
+        k: v for k, v in waited.statuses().items() if k.startswith("operation.")}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
