@@ -244,9 +244,11 @@ class Bench:
                "--target-path", str(target), "--log-path", str(folder / "logs"),
                *(["--select", self.config.select] if self.config.select else [])]
 
-        def once() -> dict[str, Any]:
+        def empty_warehouse() -> None:
             duckdb_path.unlink(missing_ok=True)
             Path(f"{duckdb_path}.wal").unlink(missing_ok=True)
+
+        def once() -> dict[str, Any]:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=DBT_PROJECT_DIR)
             if proc.returncode != 0:
                 raise RuntimeError(f"dbt build failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
@@ -256,7 +258,7 @@ class Bench:
             _add_phases(out, rr["phases"])
             return out
 
-        reps = self._repeat("b", "plain dbt build (local)", once, self.config.repetitions)
+        reps = self._repeat("b", "plain dbt build (local)", once, self.config.repetitions, setup=empty_warehouse)
         _record(self.results, "b", "plain `dbt build`, DuckDB", reps, self.rows)
         return target
 
@@ -265,15 +267,18 @@ class Bench:
         path = self.work / "floor" / "warehouse.duckdb"
         path.parent.mkdir(parents=True, exist_ok=True)
 
-        def once() -> dict[str, Any]:
+        def empty_database() -> None:
             path.unlink(missing_ok=True)
             Path(f"{path}.wal").unlink(missing_ok=True)
+
+        def once() -> dict[str, Any]:
             out = floor.run(steps, path, self.source.values)
             return {"node_seconds": out["node_seconds"], "threads": out["threads"],
                     "models_s": round(out["models_s"], 3),
                     "tests_s": round(out["tests_s"], 3), "test_failures": out["test_failures"]}
 
-        reps = self._repeat("c", "raw floor (compiled SQL on DuckDB)", once, self.config.repetitions)
+        reps = self._repeat("c", "raw floor (compiled SQL on DuckDB)", once, self.config.repetitions,
+                            setup=empty_database)
         entry = _record(self.results, "c", "raw floor: compiled SQL on DuckDB", reps, self.rows)
         entry["statements"] = len(steps)
 
@@ -308,16 +313,19 @@ class Bench:
 
     def _full_refreshes(self, key: str, label: str, platform: Platform, folder: Path, reset,
                         repetitions: int) -> dg.DagsterInstance:
-        """Repetitions of run_all, each on an empty warehouse and instance; the last
+        """Repetitions of run_all, each on an empty warehouse and instance (made before the
+        clock starts: a deployment's instance exists before its refreshes); the last
         instance is returned (open) for the incremental stage."""
         instances: list[dg.DagsterInstance] = []
 
-        def once() -> dict[str, Any]:
+        def empty_warehouse_and_instance() -> None:
             if instances:
                 instances.pop().dispose()
             reset()
-            instance = _new_instance(folder / "dagster-home")
-            instances.append(instance)
+            instances.append(_new_instance(folder / "dagster-home"))
+
+        def once() -> dict[str, Any]:
+            instance = instances[-1]
             with environ({"DAGSTER_HOME": str(folder / "dagster-home")}), self.captured():
                 summary_ = full_refresh(platform, instance, progress=lambda m: self.say(f"    {m.strip()}"),
                                         select=self.config.select)
@@ -327,7 +335,7 @@ class Bench:
             return {"assets_materialized": len(summary_["materialized"]),
                     "dagster_runs": len(instance.get_runs()), **dagster_run_artifacts(platform, instance)}
 
-        reps = self._repeat(key, label, once, repetitions)
+        reps = self._repeat(key, label, once, repetitions, setup=empty_warehouse_and_instance)
         engine = "DuckDB" if key == "a" else "PostgreSQL"
         _record(self.results, key, f"every asset through Dagster, {engine}", reps, self.rows)
         return instances[-1]
@@ -378,9 +386,12 @@ class Bench:
         entry["new_events_per_batch"] = new_events
 
     # -- helpers -----------------------------------------------------------------------------
-    def _repeat(self, key: str, label: str, fn, repetitions: int) -> list[Repetition]:
+    def _repeat(self, key: str, label: str, fn, repetitions: int, setup=None) -> list[Repetition]:
+        """`repetitions` measurements of `fn`, each after `setup` (not timed)."""
         reps = []
         for i in range(repetitions):
+            if setup is not None:
+                setup()
             rep = measure(fn)
             self.say(f"  ({key}) {label}, repetition {i + 1}/{repetitions}: {rep.seconds:.1f}s, "
                      f"peak RSS {rep.peak_rss_bytes / 2**20:,.0f} MiB")
