@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -60,33 +63,55 @@ def test_federation_on_duckdb_attaches_read_only_per_run(dbt_scenario: Scenario)
 
 # Another process reading the DuckDB file: it holds the file's lock until it exits.
 _READER = "import sys, time, duckdb; c = duckdb.connect(sys.argv[1], read_only=True); print('reading', flush=True); " \
-          "time.sleep(float(sys.argv[2]))"
+          "time.sleep(600)"
 
 
-def _reader(path: str, seconds: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", _READER, path, str(seconds)], stdout=subprocess.PIPE, text=True)
+def _reader(path: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _READER, path], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "reading"
     return proc
+
+
+def _stop_when_dbt_connects(reader: subprocess.Popen, log: Path, offset: int, after_s: float) -> threading.Thread:
+    """Stop the reader `after_s` seconds after dbt logs its thread count (a new line in its
+    dbt.log past `offset`): dbt opens the warehouse right after that line."""
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            with open(log, errors="replace") as f:
+                f.seek(offset)
+                if "Concurrency:" in f.read():
+                    time.sleep(after_s)
+                    break
+            time.sleep(0.05)
+        reader.kill()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_duckdb_run_waits_for_a_reader_of_the_file(dbt_scenario: Scenario):
     """A reader of the warehouse file (the export sensor, a notebook) delays a dbt run by a
     few seconds instead of failing it: the local profile's connect attempts (profiles.yml)."""
     duck = dbt_scenario.runners["duckdb"]
-    path = duck.env["DUCKDB_PATH"]
-    reader = _reader(path, 120)
+    path, log = duck.env["DUCKDB_PATH"], duck.work_dir / "logs" / "dbt.log"
+    reader = _reader(path)
     try:
         once = duck("run", "--select", "dim_date", check=False, extra_env={"DUCKDB_CONNECT_ATTEMPTS": "1"})
     finally:
         reader.kill()
         reader.wait()
     assert not once.ok and "Could not set lock" in once.output, once.describe()
-    # The default attempts (again after 1, 2 and 4 s): the reader lets go 2 s after the time
-    # dbt took above to reach its first attempt, so that attempt meets the lock again.
-    reader = _reader(path, once.seconds + 2)
+    # The default attempts (again after 1, 2 and 4 s): the reader lets go 2 s after dbt
+    # starts to connect, so dbt's first attempt meets the lock and a later one gets it.
+    reader = _reader(path)
+    watcher = _stop_when_dbt_connects(reader, log, log.stat().st_size, after_s=2.0)
     try:
         waited = duck("run", "--select", "dim_date", check=False)
     finally:
+        watcher.join(timeout=310)
+        reader.kill()
         reader.wait()
     assert waited.ok, waited.describe()
     assert waited.statuses() == {"model.reporting.dim_date": "success"} | {

@@ -159,7 +159,7 @@ def test_daily_facts_job_and_late_events_sweep_are_daily_partitioned(local_platf
 
     request = tick(start + timedelta(days=20)).run_requests[0]
     day = lambda n: (start + timedelta(days=n)).date().isoformat()  # noqa: E731
-    # the daily partitions end a day after the schedule's own day (end_offset=1)
+    # the last daily partition is the scheduled day's own, still in progress (end_offset=1)
     assert request.tags["dagster/asset_partition_range_start"] == day(13)
     assert request.tags["dagster/asset_partition_range_end"] == day(20)
     assert request.run_key == f"late-events-{day(20)}"
