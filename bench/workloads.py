@@ -178,6 +178,12 @@ def refresh(platform: Platform, instance: dg.DagsterInstance, cursor, progress, 
     return {"materialized": r.materialized, "cursor": cursor}
 
 
+def remove_duckdb_file(path: Path) -> None:
+    """An empty warehouse for the next repetition: the DuckDB file and its write-ahead log gone."""
+    path.unlink(missing_ok=True)
+    Path(f"{path}.wal").unlink(missing_ok=True)
+
+
 def _new_instance(home: Path) -> dg.DagsterInstance:
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
@@ -244,10 +250,6 @@ class Bench:
                "--target-path", str(target), "--log-path", str(folder / "logs"),
                *(["--select", self.config.select] if self.config.select else [])]
 
-        def empty_warehouse() -> None:
-            duckdb_path.unlink(missing_ok=True)
-            Path(f"{duckdb_path}.wal").unlink(missing_ok=True)
-
         def once() -> dict[str, Any]:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=DBT_PROJECT_DIR)
             if proc.returncode != 0:
@@ -258,7 +260,8 @@ class Bench:
             _add_phases(out, rr["phases"])
             return out
 
-        reps = self._repeat("b", "plain dbt build (local)", once, self.config.repetitions, setup=empty_warehouse)
+        reps = self._repeat("b", "plain dbt build (local)", once, self.config.repetitions,
+                            setup=lambda: remove_duckdb_file(duckdb_path))
         _record(self.results, "b", "plain `dbt build`, DuckDB", reps, self.rows)
         return target
 
@@ -267,10 +270,6 @@ class Bench:
         path = self.work / "floor" / "warehouse.duckdb"
         path.parent.mkdir(parents=True, exist_ok=True)
 
-        def empty_database() -> None:
-            path.unlink(missing_ok=True)
-            Path(f"{path}.wal").unlink(missing_ok=True)
-
         def once() -> dict[str, Any]:
             out = floor.run(steps, path, self.source.values)
             return {"node_seconds": out["node_seconds"], "threads": out["threads"],
@@ -278,7 +277,7 @@ class Bench:
                     "tests_s": round(out["tests_s"], 3), "test_failures": out["test_failures"]}
 
         reps = self._repeat("c", "raw floor (compiled SQL on DuckDB)", once, self.config.repetitions,
-                            setup=empty_database)
+                            setup=lambda: remove_duckdb_file(path))
         entry = _record(self.results, "c", "raw floor: compiled SQL on DuckDB", reps, self.rows)
         entry["statements"] = len(steps)
 
@@ -288,12 +287,8 @@ class Bench:
         with environ(self.platform_environ("local", folder)):
             platform = self._load_platform("local")
             duckdb_path = folder / "warehouse.duckdb"
-
-            def reset() -> None:
-                duckdb_path.unlink(missing_ok=True)
-                Path(f"{duckdb_path}.wal").unlink(missing_ok=True)
-
-            instance = self._full_refreshes("a", "Dagster full refresh (local)", platform, folder, reset,
+            instance = self._full_refreshes("a", "Dagster full refresh (local)", platform, folder,
+                                            lambda: remove_duckdb_file(duckdb_path),
                                             self.config.repetitions)
             try:
                 if "d" in self.config.stages:
