@@ -18,6 +18,7 @@ import pytest
 from localenv.environment import LocalEnvironment, table_checksums
 from localenv.settings import LocalSettings
 from localenv.simulator import simulate
+from xdist.scheduler import LoadScopeScheduling
 
 TEST_EVENTS = 20_000
 TEST_SEED = 7
@@ -39,13 +40,30 @@ SHARED_FIXTURE_GROUPS = {
 }
 
 
+def scheduling_group(nodeid: str) -> str:
+    """The unit a worker is given: the test's file, or the group of files it shares with."""
+    path = nodeid.split("::", 1)[0]
+    return next((g for prefix, g in SHARED_FIXTURE_GROUPS.items() if path.startswith(prefix)), path)
+
+
+class SharedFixtureScheduling(LoadScopeScheduling):
+    """xdist's scope scheduling with `scheduling_group` as the scope.
+
+    Not `xdist_group` marks: pytest-xdist 3.8 turns them into groups by appending the group to
+    each test's node id, which pytest 9.2's structured node ids ignore (pytest-xdist issue
+    1386), so every test was scheduled on its own and both workers built the dbt scenario,
+    the pipeline and the webserver.
+    """
+
+    def _split_scope(self, nodeid: str) -> str:
+        return scheduling_group(nodeid)
+
+
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    root = Path(str(config.rootpath))
-    for item in items:
-        path = Path(str(item.path)).relative_to(root).as_posix()
-        group = next((g for prefix, g in SHARED_FIXTURE_GROUPS.items() if path.startswith(prefix)), path)
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "loadgroup":
+        return SharedFixtureScheduling(config, log)
+    return None
 
 
 def free_port() -> int:
