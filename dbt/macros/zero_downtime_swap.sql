@@ -153,7 +153,8 @@ begin
   loop
     definition := regexp_replace(
       pg_get_viewdef(dependant.oid),
-      {{ _zd_literal('\m' ~ backup.identifier ~ '\M') }},
+      {# \m and \M: PostgreSQL's word boundaries (the backslash doubled for Jinja's string literal) #}
+      {{ _zd_literal('\\m' ~ backup.identifier ~ '\\M') }},
       {{ _zd_literal(live) }},
       'g');
     begin
