@@ -38,6 +38,27 @@ def test_builds_pass_with_every_kind_of_test(dbt_scenario: Scenario):
             assert len(unit_tests) == (4 if step == "build_3" else 5), unit_tests
 
 
+# Source tests that DuckDB sends to the replica whole (macros/tests/on_replica.sql).
+ON_REPLICA_TESTS = ("source_not_null_", "source_unique_", "source_relationships_", "source_not_after_soft_delete_")
+
+
+def test_source_tests_on_duckdb_run_on_the_replica(dbt_scenario: Scenario):
+    """On DuckDB a not_null / unique / relationships / not_after_soft_delete test over tables
+    of the replica only is run there (postgres_query); every other test, and every test on
+    pg, is dbt's SQL as it is. That they still fail with the right counts is
+    tests/reliability/test_dirty_data.py's."""
+    for engine in ENGINES:
+        compiled = {
+            r["unique_id"].split(".")[2]: r.get("compiled_code") or ""
+            for r in dbt_scenario.steps["build_1"][engine].results if r["unique_id"].startswith("test.")
+        }
+        sent = {name for name, sql in compiled.items() if "postgres_query(" in sql}
+        kinds = {name for name in compiled if name.startswith(ON_REPLICA_TESTS)}
+        assert len(kinds) > 40, sorted(kinds)  # the sources' key and reference tests
+        expected = kinds if engine == "duckdb" else set()
+        assert sent == expected, (engine, sorted(sent ^ expected))
+
+
 def test_builds_never_change_the_operational_data(dbt_scenario: Scenario):
     for step, (before, after) in dbt_scenario.checksums.items():
         assert before == after, f"operational tables changed during {step}"
