@@ -174,3 +174,29 @@ def test_planned_checks_of_a_partition_range_are_the_rows_dagster_writes(home, t
     planned = [r for r in rows["local"] if r[3] == "AssetCheckEvaluationPlanned"]
     assert len(planned) == 2 * 59  # two checks, 59 days
     assert rows["local"] == rows["plain"]
+
+
+def test_table_checks_use_the_kept_engine_and_remember_only_tables_found(home):
+    """Dagster's SQLite event log builds a new engine for each `has_table`, asked before nearly
+    every asset event; here none is built while runs store their events, and the answers are
+    Dagster's own."""
+    from dagster._core.storage.event_log.sqlite import sqlite_event_log
+
+    plain = sqlite_event_log.SqliteEventLogStorage(str(home / "history" / "runs"))
+    with dg.DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+        tags = {"dagster/asset_partition_range_start": "2026-01-01",
+                "dagster/asset_partition_range_end": "2026-01-31"}
+        with mock.patch.object(sqlite_event_log, "create_engine", wraps=sqlite_event_log.create_engine) as built:
+            assert dg.materialize([daily_counted], instance=instance, tags=tags).success
+            assert dg.materialize([counted], instance=instance).success
+        assert built.call_count == 0
+        assert {"asset_event_tags", "asset_check_executions"} <= storage._tables_found
+        for table in ("asset_event_tags", "asset_check_executions", "dynamic_partitions", "no_such_table"):
+            assert storage.has_table(table) == plain.has_table(table), table
+        assert "no_such_table" not in storage._tables_found
+        # What the runs stored is there: 31 partitions materialized, their check rows.
+        assert len(instance.get_materialized_partitions(dg.AssetKey("daily_counted"))) == 31
+        instance.wipe()
+        assert not storage._tables_found
+    plain.dispose()
