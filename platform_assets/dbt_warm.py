@@ -22,6 +22,12 @@ What keeps it safe:
   preparation saved), the server also reads and writes it once before forking: dbt's
   dataclasses compile their (de)serialisation code lazily, per process, which cost every
   command about a second of CPU. Only that class-level code is kept (`_compile_artifact_codecs`).
+- Each command also compiled the Jinja templates of the macros it calls (dbt keeps them in a
+  process-wide cache keyed by the macro's text): about 100 macros, half a second, again in
+  every command. A child reports the macro texts it compiled when it exits (a file in the
+  server's private folder); the server compiles them into that same cache before its next
+  fork, so later commands find them compiled (`_learn_templates`). Compiling a text needs
+  nothing of the command that used it: a template is the same whichever node calls it.
 - Without a server (not started, disabled with DBT_WARM_START=0, or gone) the client
   replaces itself with the environment's own `dbt` (exec): the same command, cold.
 - The server exits when the Dagster process that started it goes away (a pipe it holds
@@ -258,9 +264,58 @@ def _compile_artifact_codecs(parse_state: str | None) -> None:
     del manifest
 
 
-def _child(request: dict, fds: list[int]) -> None:
-    """In the forked child: become the dbt process the client asked for. Never returns."""
+class _MacroText:
+    """What dbt's template cache reads of a macro: its text."""
+
+    def __init__(self, macro_sql: str):
+        self.macro_sql = macro_sql
+
+
+def _compiled_templates() -> set[str]:
+    """The macro texts whose templates this process has compiled (dbt's cache keys)."""
+    from dbt_common.clients.jinja import template_cache
+
+    return set(template_cache.file_cache)
+
+
+def _report_templates(path: str, known: set[str]) -> None:
+    """In the child, as it exits: the macro texts it compiled that the server had not."""
+    new = sorted(_compiled_templates() - known)
+    if new:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(new, f)
+        os.replace(tmp, path)
+
+
+def _learn_templates(path: str) -> int:
+    """In the server, after a child exits: compile the templates it reported, so the next
+    children inherit them. Returns how many were compiled."""
+    from dbt_common.clients.jinja import template_cache
+
+    try:
+        with open(path) as f:
+            texts = json.load(f)
+        os.unlink(path)
+    except (OSError, ValueError):
+        return 0
+    compiled = 0
+    for text in texts if isinstance(texts, list) else []:
+        if not isinstance(text, str) or text in template_cache.file_cache:
+            continue
+        try:
+            template_cache.get_node_template(_MacroText(text))
+        except Exception:  # noqa: BLE001 - an optimisation: the child compiles it itself
+            continue
+        compiled += 1
+    return compiled
+
+
+def _child(request: dict, fds: list[int], report_to: str | None = None) -> None:
+    """In the forked child: become the dbt process the client asked for. Never returns.
+    `report_to`: where to report the macro templates it compiled (`_report_templates`)."""
     code = 1
+    known = _compiled_templates() if report_to else set()
     try:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
@@ -290,6 +345,8 @@ def _child(request: dict, fds: list[int]) -> None:
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
+            if report_to:
+                _report_templates(report_to, known)
         finally:
             os._exit(code)
 
@@ -314,6 +371,9 @@ def serve(socket_path: str, keepalive_fd: int, parse_state: str | None = None) -
     sel.register(keepalive_fd, selectors.EVENT_READ, "parent")
     running: dict[int, dict] = {}  # pid -> {conn, pidfd, kill_at}
 
+    def templates_report(pid: int) -> str:
+        return os.path.join(os.path.dirname(socket_path), f"templates-{pid}.json")
+
     def start(conn: socket.socket) -> None:
         msg, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 3)
         if len(msg) < _HEADER.size or len(fds) != 3:
@@ -335,7 +395,7 @@ def serve(socket_path: str, keepalive_fd: int, parse_state: str | None = None) -
             for other in running.values():
                 other["conn"].close()
             conn.close()
-            _child(json.loads(bytes(data)), fds)
+            _child(json.loads(bytes(data)), fds, report_to=templates_report(os.getpid()))
         for fd in fds:
             os.close(fd)
         pidfd = os.pidfd_open(pid)
@@ -362,6 +422,8 @@ def serve(socket_path: str, keepalive_fd: int, parse_state: str | None = None) -
         except OSError:
             pass
         child["conn"].close()
+        # The client has its exit code: compile what the child reported before the next fork.
+        _learn_templates(templates_report(pid))
 
     def interrupt(pid: int) -> None:
         child = running[pid]
@@ -411,9 +473,13 @@ def serve(socket_path: str, keepalive_fd: int, parse_state: str | None = None) -
                 except ProcessLookupError:
                     pass
                 child["kill_at"] = float("inf")
+    folder = os.path.dirname(socket_path)
     try:
         os.unlink(socket_path)
-        os.rmdir(os.path.dirname(socket_path))
+        for leftover in os.listdir(folder):  # reports of children killed as they wrote them
+            if leftover.startswith("templates-"):
+                os.unlink(os.path.join(folder, leftover))
+        os.rmdir(folder)
     except OSError:
         pass
 

@@ -197,3 +197,54 @@ def test_a_server_given_a_parse_state_compiles_dbts_artifact_code_before_forking
     finally:
         srv.stop()
     assert srv.process.returncode == 0
+
+
+def test_templates_a_child_compiled_are_compiled_in_the_server_for_the_next_children(tiny, server, tmp_path):
+    """A child reports the macro texts it compiled that the server had not; the server compiles
+    them into dbt's template cache (its children inherit it) and removes the report. In fresh
+    interpreters, as the child and the server are."""
+    report = tmp_path / "templates-1.json"
+    macro = "{% macro shout(x) %}{{ x | upper }}!{% endmacro %}"
+    child = (
+        "import sys\n"
+        "from platform_assets import dbt_warm\n"
+        "from dbt_common.clients.jinja import template_cache\n"
+        "dbt_warm._import_dbt()\n"
+        "known = dbt_warm._compiled_templates()\n"
+        "template_cache.get_node_template(dbt_warm._MacroText(sys.argv[2]))\n"
+        "dbt_warm._report_templates(sys.argv[1], known)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child, str(report), macro], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    import json
+    assert json.loads(report.read_text()) == [macro]
+    learner = (
+        "import sys\n"
+        "from platform_assets import dbt_warm\n"
+        "from dbt_common.clients.jinja import template_cache\n"
+        "dbt_warm._import_dbt()\n"
+        "before = len(template_cache.file_cache)\n"
+        "print(dbt_warm._learn_templates(sys.argv[1]), len(template_cache.file_cache) - before)\n"
+        "template = template_cache.file_cache[sys.argv[2]]\n"
+        "print(template.module.dbt_macro__shout('warm'))  # dbt's name for the macro\n"
+        "print(dbt_warm._learn_templates(sys.argv[1]))\n"  # gone: nothing more
+    )
+    out = subprocess.run([sys.executable, "-c", learner, str(report), macro], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1", "WARM!", "0"]
+    assert not report.exists()
+    # A broken or foreign report is ignored, and removed.
+    report.write_text('{"not": "a list"}')
+    assert dbt_warm._learn_templates(str(report)) == 0 and not report.exists()
+
+    # Through the server: commands after the first use what it learned, same results, and no
+    # report is left behind.
+    root, env = tiny
+    warm_env = {**env, **server.environ()}
+    client = dbt_warm.client_executable()
+    for _ in range(2):
+        build = _run([client, "build"], root, warm_env)
+        assert build.returncode == 0 and "PASS=2" in build.stdout, build.stdout + build.stderr
+    assert os.listdir(os.path.dirname(server.socket_path)) == ["dbt.sock"]
