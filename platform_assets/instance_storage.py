@@ -18,7 +18,7 @@ These subclasses change only that:
   the last moments of a local instance's run history. Production does not use this
   storage: deploy/dagster.yaml is dagster-postgres.
 
-And two things per event:
+And three things per event:
 - Dagster's SQLite event log asks whether a table exists (`has_table`: asset_event_tags,
   asset_check_executions) before storing nearly every asset and check event, and answers
   with a new engine, a new connection and SQLAlchemy's reflection each time: about 15% of
@@ -30,6 +30,13 @@ And two things per event:
   partitions: 120 serialisations, about 80 ms; a full refresh plans 22 such checks). The
   event log here serialises it once and inserts the rows as one executemany
   (`_store_asset_check_evaluation_planned`, same rows).
+- A batch of events (when DAGSTER_EVENT_BATCH_SIZE is set, and `platform_assets.settings`
+  sets it, Dagster hands the storage a run's planned events, and an asset's
+  materializations of a partition range, as one batch each) is stored in one transaction
+  per database, each asset's row updated with its last event, as dagster-postgres does
+  (`store_event_batch`). Dagster's SQLite storage stores it event by event: a daily
+  backfill over 120 days plans 240 materializations before dbt starts and stores 240 after
+  it has finished.
 
 Same files, same layout as the default `storage: sqlite` (runs.db under history/, one .db
 per run plus index.db under history/runs/), so an existing local instance keeps its history.
@@ -40,15 +47,16 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
 import dagster._check as check
 import sqlalchemy as db
 from dagster import EventLogEntry, Field, StringSource
+from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS, BATCH_WRITABLE_EVENTS, DagsterEventType
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable
+from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable, SqlEventLogStorageTable
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import INDEX_SHARD_NAME, SqliteEventLogStorage
 from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 from dagster._core.storage.sql import create_engine
@@ -147,6 +155,35 @@ class LocalSqliteEventLogStorage(SqliteEventLogStorage):
         if found:
             self._tables_found.add(table_name)
         return found
+
+    def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
+        # SqliteEventLogStorage.store_event for each event, with one transaction on the run's
+        # database and one on the index for the whole batch (a run's planned events, an
+        # asset's materializations of a partition range); the asset rows are updated with the
+        # last event of each asset and kind, as dagster-postgres does for a batch.
+        check.sequence_param(events, "events", of_type=EventLogEntry)
+        types = {event.get_dagster_event().event_type for event in events}
+        check.invariant(types <= BATCH_WRITABLE_EVENTS,
+                        f"{BATCH_WRITABLE_EVENTS} are the only currently supported events for batch writes.")
+        if len({event.run_id for event in events}) != 1 or DagsterEventType.ASSET_FAILED_TO_MATERIALIZE in types:
+            super().store_event_batch(events)  # one by one, as without batches
+            return
+        rows = [self._event_to_row(event) for event in events]  # each event serialised once
+        with self.run_connection(events[0].run_id) as conn:
+            conn.execute(SqlEventLogStorageTable.insert(), rows)
+        with self.index_transaction() as conn:
+            event_ids = [conn.execute(SqlEventLogStorageTable.insert(), row).inserted_primary_key[0]
+                         for row in rows]
+            assets = [(event, event_id) for event, event_id in zip(events, event_ids, strict=True)
+                      if event.dagster_event_type in ASSET_EVENTS]
+            self._store_asset_event_tags(conn, [e for e, _ in assets], [i for _, i in assets])
+            last = {(event.dagster_event.asset_key, event.dagster_event_type): (event, event_id)
+                    for event, event_id in assets}
+            for event, event_id in sorted(last.values(), key=lambda pair: pair[1]):
+                self._store_asset_event(conn, event, event_id)
+        for event, event_id in zip(events, event_ids, strict=True):
+            if event.dagster_event_type in ASSET_CHECK_EVENTS:
+                self.store_asset_check_event(event, event_id)
 
     def _store_asset_check_evaluation_planned(self, event: EventLogEntry, event_id: int | None) -> None:
         # The parent's rows, with the event serialised once instead of once per partition.

@@ -46,6 +46,9 @@ EXPORT_METHODS = {"local": "duckdb_copy", "pg": "duckdb_copy", "prod": "redshift
 DEFAULT_EXPORT_URIS = {"local": "{local_dir}/exports", "pg": "{local_dir}/exports", "prod": None}
 # whether .local/platform.env is consulted
 READS_LOCAL_ENV_FILE = {"local": True, "pg": True, "prod": False}
+# DAGSTER_EVENT_BATCH_SIZE unless set: the most events Dagster hands the event log at once
+# (a batch ends earlier, with the partition range; 1000 days is nearly three years).
+EVENT_BATCH_SIZE = 1000
 
 
 class ConfigurationError(ValueError):
@@ -109,6 +112,10 @@ class PlatformSettings:
         # dbt replaces the value of every DBT_ENV_SECRET_* variable by ***** in its logs: the
         # pg target's user mapping DDL carries the replica password (federation macro).
         os.environ.update(self.dbt_secret_env())
+        # Dagster hands the event log a partition range's materializations as one batch only
+        # when this is set (a daily backfill: 120 per asset); dagster-postgres and the local
+        # storage (instance_storage.py) then store each batch in one transaction per table.
+        os.environ.setdefault("DAGSTER_EVENT_BATCH_SIZE", str(EVENT_BATCH_SIZE))
         # dagster-dbt's manifest preparer looks for `dbt` on PATH: a process started as
         # .venv/bin/dagster (or pytest) without the venv activated must still find it.
         bin_dir = str(Path(sys.executable).parent)

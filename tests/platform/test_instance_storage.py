@@ -134,10 +134,13 @@ def daily_counted(context):
     yield dg.AssetCheckResult(check_name="not_empty", passed=True)
 
 
-def test_planned_checks_of_a_partition_range_are_the_rows_dagster_writes(home, tmp_path):
+@pytest.mark.parametrize("batch_size", ["0", "1000"])
+def test_planned_checks_of_a_partition_range_are_the_rows_dagster_writes(home, tmp_path, monkeypatch, batch_size):
     """The planned checks of a single-run backfill are stored once per partition (the event
     serialised once here, once per row in Dagster's storage): the same rows as Dagster's own
-    SQLite storage writes for the same run."""
+    SQLite storage writes for the same run, with Dagster's event batches (the platform's
+    setting) and without."""
+    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", batch_size)
     from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable
     from dagster._core.storage.sqlalchemy_compat import db_select
     from dagster._serdes import deserialize_value
@@ -200,3 +203,67 @@ def test_table_checks_use_the_kept_engine_and_remember_only_tables_found(home):
         instance.wipe()
         assert not storage._tables_found
     plain.dispose()
+
+
+def test_a_partition_ranges_materializations_are_stored_as_one_batch_with_dagsters_rows(home, tmp_path,
+                                                                                        monkeypatch):
+    """With DAGSTER_EVENT_BATCH_SIZE (set by the platform's settings) Dagster hands the event
+    log each asset's materializations of a range as one batch: stored in one transaction per
+    database, and what is stored is what Dagster's own SQLite storage stores event by event."""
+    from dagster._core.storage.event_log.schema import AssetEventTagsTable, AssetKeyTable
+    from dagster._core.storage.sqlalchemy_compat import db_select
+
+    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", "1000")
+    plain_home = tmp_path / "plain"
+    plain_home.mkdir()
+    (plain_home / "dagster.yaml").write_text(f"storage:\n  sqlite:\n    base_dir: {plain_home}\n")
+    tags = {"dagster/asset_partition_range_start": "2026-01-01",
+            "dagster/asset_partition_range_end": "2026-01-20"}
+    stored = {}
+    for name, instance in (("local", dg.DagsterInstance.get()),
+                           ("plain", dg.DagsterInstance.from_config(str(plain_home)))):
+        with instance:
+            storage = instance.event_log_storage
+            with mock.patch.object(type(storage), "store_event_batch", autospec=True,
+                                   side_effect=type(storage).store_event_batch) as batches:
+                result = dg.materialize([daily_counted], instance=instance, tags=tags)
+            assert result.success
+            sizes = sorted(len(call.args[1]) for call in batches.call_args_list
+                           if call.args[1][0].dagster_event_type == dg.DagsterEventType.ASSET_MATERIALIZATION)
+            assert sizes == [20], sizes  # one batch: the asset's 20 partitions
+            if name == "local":
+                batch = [e for e in instance.all_logs(result.run_id)
+                         if e.dagster_event_type == dg.DagsterEventType.ASSET_MATERIALIZATION]
+            key = dg.AssetKey("daily_counted")
+            records = instance.fetch_materializations(key, limit=100).records
+            latest = instance.get_latest_materialization_event(key)
+            entry = instance.get_asset_records([key])[0].asset_entry
+            with storage.index_connection() as conn:
+                tag_rows = conn.execute(db_select([AssetEventTagsTable.c.key, AssetEventTagsTable.c.value])).fetchall()
+                key_rows = conn.execute(db_select([AssetKeyTable.c.asset_key])).fetchall()
+            stored[name] = {
+                "partitions": sorted(instance.get_materialized_partitions(key)),
+                "records": sorted((r.partition_key, r.run_id == result.run_id) for r in records),
+                "latest_partition": latest.dagster_event.partition,
+                "run_events": sorted(e.dagster_event_type.value for e in instance.all_logs(result.run_id)
+                                     if e.is_dagster_event),
+                # a data version is derived from the run id (the default code version)
+                "tags": sorted((k, "<run>" if v == result.run_id or k == "dagster/data_version" else v)
+                               for k, v in tag_rows),
+                "asset_keys": sorted(r[0] for r in key_rows),
+                "status": instance.get_status_by_partition(key, ["2026-01-05", "2026-01-25"], DAYS),
+                "entry": (entry.last_run_id == result.run_id,
+                          entry.last_materialization_record.event_log_entry.dagster_event.partition,
+                          instance.get_latest_planned_materialization_info(key).run_id == result.run_id),
+            }
+    assert stored["local"]["partitions"] == [f"2026-01-{d:02d}" for d in range(1, 21)]
+    assert stored["local"] == stored["plain"]
+    # The batch is one transaction on the run's database and one on the index.
+    storage = LocalSqliteEventLogStorage(str(tmp_path / "events"))
+    try:
+        with mock.patch.object(storage, "_connect", wraps=storage._connect) as connects:
+            storage.store_event_batch(batch)
+        assert connects.call_count == 2 and len(batch) == 20
+        assert len(storage.get_materialized_partitions(dg.AssetKey("daily_counted"))) == 20
+    finally:
+        storage.dispose()

@@ -12,6 +12,7 @@ from platform_assets.settings import (
     DBT_TARGETS,
     ENGINES,
     ENVIRONMENTS,
+    EVENT_BATCH_SIZE,
     READS_LOCAL_ENV_FILE,
     REQUIRED_VARIABLES,
     ConfigurationError,
@@ -95,6 +96,17 @@ def test_dbt_process_environment_is_restored(monkeypatch):
 def test_layer_of():
     assert layer_of({"resource_type": "model", "fqn": ["reporting", "marts", "fct_x"]}) == "marts"
     assert layer_of({"resource_type": "snapshot", "fqn": ["reporting", "snapshots", "users_snapshot"]}) == "snapshots"
+
+
+def test_the_run_process_has_dagsters_event_batches_on_unless_set(tmp_path, monkeypatch):
+    """A partition range's materializations reach the event log as one batch (instance_storage)."""
+    settings = load_settings({"PLATFORM_ENV_FILE": str(tmp_path / "none.env")})
+    monkeypatch.delenv("DAGSTER_EVENT_BATCH_SIZE", raising=False)
+    settings.export_for_subprocesses()
+    assert os.environ["DAGSTER_EVENT_BATCH_SIZE"] == str(EVENT_BATCH_SIZE)
+    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", "0")  # a deployment's own value wins (0: off)
+    settings.export_for_subprocesses()
+    assert os.environ["DAGSTER_EVENT_BATCH_SIZE"] == "0"
 
 
 def test_passwords_reach_dbt_as_secret_variables_too():
