@@ -177,6 +177,35 @@ def test_prod_storage_block_stores_events(pg_env, tmp_path):
             instance.dispose()
 
 
+def test_prod_storage_stores_a_partition_ranges_events_as_batches(pg_env, tmp_path, monkeypatch):
+    """With the platform's DAGSTER_EVENT_BATCH_SIZE a single-run backfill's planned events and
+    materializations reach dagster-postgres as batches (its store_event_batch): every
+    partition stored, the asset's latest the range's last."""
+    days = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_date="2026-02-01")
+
+    @dg.asset(partitions_def=days, backfill_policy=dg.BackfillPolicy.single_run())
+    def ranged(context) -> None:
+        return None
+
+    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", "1000")
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(instance_yaml()))
+    with own_database(pg_env, "dagster_storage_batches") as env, mock.patch.dict(os.environ, env):
+        instance = dg.DagsterInstance.from_config(str(tmp_path))
+        try:
+            with mock.patch.object(type(instance.event_log_storage), "store_event_batch", autospec=True,
+                                   side_effect=type(instance.event_log_storage).store_event_batch) as batches:
+                result = dg.materialize([ranged], instance=instance, tags={
+                    "dagster/asset_partition_range_start": "2026-01-01",
+                    "dagster/asset_partition_range_end": "2026-01-31"})
+            assert result.success
+            assert batches.call_count >= 2  # the planned events, the materializations
+            assert len(instance.get_materialized_partitions(ranged.key)) == 31
+            latest = instance.get_latest_materialization_event(ranged.key)
+            assert latest.run_id == result.run_id and latest.dagster_event.partition == "2026-01-31"
+        finally:
+            instance.dispose()
+
+
 def test_the_instance_uses_dagster_postgres(reader):
     from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
