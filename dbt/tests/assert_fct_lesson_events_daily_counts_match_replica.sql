@@ -3,7 +3,8 @@
 -- had been received by the fact's latest received time (events arriving during the build
 -- are the next run's). Returns the days that differ.
 -- The bounds are read first and inlined, so that the replica side is one aggregate query
--- pushed down to the replica (an index range scan there) on every engine.
+-- run on the replica (an index range scan there) on every engine: see
+-- macros/tests/on_replica.sql, replica_events_per_day.
 -- Severity warn: a backfill of some days can pick up late events received after other,
 -- not re-processed days were loaded; those days differ until their own next run. That is
 -- worth seeing (the failing days are listed), not a reason to block the marts.
@@ -37,12 +38,7 @@ with fact_days as (
 
 replica_days as (
 
-    select cast(occurred_at as date) as event_date, count(*) as replica_events
-    from {{ source('app', 'lesson_events') }}
-    where occurred_at >= cast('{{ first_day }}' as timestamp)
-        and occurred_at < cast('{{ after_last_day }}' as timestamp)
-        and created_at <= cast('{{ received_until }}' as timestamp)
-    group by cast(occurred_at as date)
+    {{ replica_events_per_day(source('app', 'lesson_events'), first_day, after_last_day, received_until) }}
 
 )
 
