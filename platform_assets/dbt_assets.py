@@ -35,8 +35,7 @@ from dagster_dbt.errors import DagsterDbtCliRuntimeError
 from .automation import automation_for
 from .dbt_project import (
     keep_partial_parse,
-    partial_parse_cache,
-    prepared_parse_state,
+    parse_state_candidates,
     prune_run_folders,
     run_target_path,
     seed_partial_parse,
@@ -198,10 +197,8 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
     target = run_target_path(project, context.op_execution_context.op.name, context.run.run_id)
     # The only environment a set adds is the daily facts' window: such a run keeps its own
     # parse state (see partial_parse_cache), first seeded from the profile's plain one.
-    windowed = bool(env)
-    cache = partial_parse_cache(project, now, windowed=windowed)
-    plain = [partial_parse_cache(project, now)] if windowed else []
-    seed_partial_parse(target, cache, *plain, prepared_parse_state(project))
+    cache, candidates = parse_state_candidates(project, now, windowed=bool(env))
+    seed_partial_parse(target, *candidates)
     with dbt_process_environment(env):
         invocation = dbt.cli(args, context=context, target_path=target)
     yield from _explain_replica_failure(_stream(invocation, context, settings), invocation, context, settings)

@@ -33,7 +33,12 @@ def dbt_project_for(settings: PlatformSettings, prepare: bool = True) -> DbtProj
     # image build parsed (`dagster-dbt project prepare-and-package`).
     if settings.env != "prod" and manifest_is_stale(project, warehouse_database(settings)):
         settings.export_for_subprocesses()
+        version = project_version(project)
+        # A full parse: dbt's partial parse across changed files can drop nodes (see
+        # parse_state_candidates), and this manifest is the graph Dagster loads.
+        prepared_parse_state(project).unlink(missing_ok=True)
         project.preparer.prepare(project)
+        _prepared_version_path(project).write_text(version)
     return project
 
 
@@ -58,15 +63,29 @@ def manifest_is_stale(project: DbtProject, database: str | None = None) -> bool:
     if database is not None and database not in _manifest_databases(project.manifest_path):
         return True
     parsed_at = project.manifest_path.stat().st_mtime
+    return any(path.stat().st_mtime > parsed_at for path in _project_files(Path(project.project_dir)))
+
+
+def _project_files(root: Path) -> list[Path]:
+    """The files dbt parses the project from (and its profile)."""
+    files = [path for folder in ("models", "macros", "snapshots", "tests", "seeds", "analyses")
+             for path in sorted((root / folder).rglob("*")) if path.is_file()]
+    return files + [root / name for name in ("dbt_project.yml", "profiles.yml", "packages.yml")
+                    if (root / name).exists()]
+
+
+def project_version(project: DbtProject) -> str:
+    """Which version of the project's files is on disk: path, size and modification time of
+    each (changes when any file is edited, added or removed)."""
     root = Path(project.project_dir)
-    for folder in ("models", "macros", "snapshots", "tests", "seeds", "analyses"):
-        for path in (root / folder).rglob("*"):
-            if path.is_file() and path.stat().st_mtime > parsed_at:
-                return True
-    return any(
-        (root / name).exists() and (root / name).stat().st_mtime > parsed_at
-        for name in ("dbt_project.yml", "profiles.yml", "packages.yml")
-    )
+    digest = hashlib.sha1()
+    for path in _project_files(root):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        digest.update(f"{path.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 # -- warm parsing ---------------------------------------------------------------------------
@@ -101,13 +120,50 @@ def prepared_parse_state(project: DbtProject) -> Path:
     return Path(project.project_dir) / project.target_path / PARTIAL_PARSE
 
 
+def _prepared_version_path(project: DbtProject) -> Path:
+    return Path(project.project_dir) / project.target_path / "partial_parse.version"
+
+
+def prepared_version(project: DbtProject) -> str | None:
+    """The project version the prepared parse state was parsed from (None: unknown)."""
+    try:
+        return _prepared_version_path(project).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def parse_state_candidates(project: DbtProject, settings: PlatformSettings,
+                           windowed: bool = False) -> tuple[Path, list[Path]]:
+    """Where a run's parse state is kept (`partial_parse_cache` for this profile and the
+    project version on disk now), and the states to seed the run with, in order: that slot,
+    the profile's slot without a window (a first daily run), and the preparation's state if
+    it was parsed from the same version.
+
+    A state saved from other versions of the project's files is never used: dbt would
+    partially re-parse the changed files, and dbt-core 1.11's partial parsing can drop a
+    YAML-defined snapshot when a macro file changes (seen here: snp_app__subscriptions
+    and its tests gone from the run's manifest after an edit of macros/tests/on_replica.sql,
+    with the run "successful"; dbt-core issues 10903 and 15785 are of the same kind). A run
+    after an edit parses the project in full once (about 10 s), and its state is then kept
+    for the runs after it."""
+    version = project_version(project)
+    cache = partial_parse_cache(project, settings, windowed=windowed, version=version)
+    candidates = [cache]
+    if windowed:
+        candidates.append(partial_parse_cache(project, settings, version=version))
+    if prepared_version(project) == version:
+        candidates.append(prepared_parse_state(project))
+    return cache, candidates
+
+
 def run_target_path(project: DbtProject, op_name: str, run_id: str) -> Path:
     """A fresh target folder for one dbt invocation, under the environment's own."""
     name = f"{op_name}-{run_id[:7]}-{uuid.uuid4().hex[:7]}"
     return Path(project.project_dir) / project.target_path / "runs" / name
 
 
-def partial_parse_cache(project: DbtProject, settings: PlatformSettings, windowed: bool = False) -> Path:
+def partial_parse_cache(project: DbtProject, settings: PlatformSettings, windowed: bool = False,
+                        version: str | None = None) -> Path:
     """Where the parse state of invocations with these connection settings is kept. Every run
     the platform makes has the same command-line vars (none: the daily window is in the
     environment), so the profile is the only key: switching between warehouses (the demo's,
@@ -121,6 +177,8 @@ def partial_parse_cache(project: DbtProject, settings: PlatformSettings, windowe
     key = "|".join(f"{name}={settings.optional(name) or ''}"
                    for name in PROFILE_SETTINGS.get(settings.engine, ()))
     slot = f"{settings.dbt_target}|{key}" + ("|window" if windowed else "")
+    # and per version of the project's files (parse_state_candidates)
+    slot += f"|{version or project_version(project)}"
     digest = hashlib.sha1(slot.encode()).hexdigest()[:16]
     return Path(project.project_dir) / project.target_path / PARSE_STATES / f"{digest}.msgpack"
 

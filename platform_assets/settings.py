@@ -112,9 +112,10 @@ class PlatformSettings:
         # dbt replaces the value of every DBT_ENV_SECRET_* variable by ***** in its logs: the
         # pg target's user mapping DDL carries the replica password (federation macro).
         os.environ.update(self.dbt_secret_env())
-        # Dagster hands the event log a partition range's materializations as one batch only
-        # when this is set (a daily backfill: 120 per asset); dagster-postgres and the local
-        # storage (instance_storage.py) then store each batch in one transaction per table.
+        # Dagster hands the event log a run's planned events, and an asset's materializations
+        # of a partition range (a daily backfill: 120 per asset), as one batch each only when
+        # this is set; dagster-postgres stores a batch of materializations in one statement,
+        # the local storage (instance_storage.py) any batch in one transaction per database.
         os.environ.setdefault("DAGSTER_EVENT_BATCH_SIZE", str(EVENT_BATCH_SIZE))
         # dagster-dbt's manifest preparer looks for `dbt` on PATH: a process started as
         # .venv/bin/dagster (or pytest) without the venv activated must still find it.

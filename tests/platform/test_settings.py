@@ -283,3 +283,59 @@ def test_old_run_folders_are_pruned_but_never_recent_ones(tmp_path):
                                                           "stray-file"]
     # Nothing old enough: nothing removed, whatever the count.
     assert prune_run_folders(tmp_path, keep=0, min_age_s=10 * 3600) == []
+
+
+def test_parse_states_of_another_version_of_the_project_are_never_seeded(tmp_path):
+    """dbt-core's partial parsing can drop a YAML snapshot when a macro file changes, so a run
+    is seeded only with states parsed from the project files as they are now: after an edit
+    (or an added or removed file) the kept slots and the preparation's state are passed over,
+    and the run parses in full."""
+    import os
+    import time
+
+    from dagster_dbt import DbtProject
+
+    from platform_assets.dbt_project import (
+        _prepared_version_path,
+        keep_partial_parse,
+        parse_state_candidates,
+        prepared_parse_state,
+        project_version,
+    )
+
+    (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
+    (tmp_path / "macros").mkdir()
+    macro = tmp_path / "macros" / "m.sql"
+    macro.write_text("{% macro m() %}1{% endmacro %}\n")
+    project = DbtProject(project_dir=tmp_path, target_path="target/local")
+    settings = load_settings({"PLATFORM_ENV": "local", "DUCKDB_PATH": "/a/warehouse.duckdb",
+                              "PLATFORM_ENV_FILE": "/nonexistent"})
+    version = project_version(project)
+    assert version == project_version(project)
+    prepared = prepared_parse_state(project)
+    prepared.parent.mkdir(parents=True)
+    prepared.write_bytes(b"prepared")
+    _prepared_version_path(project).write_text(version)
+
+    cache, candidates = parse_state_candidates(project, settings)
+    assert candidates == [cache, prepared]
+    run = tmp_path / "run1"
+    run.mkdir()
+    (run / "partial_parse.msgpack").write_bytes(b"kept")
+    keep_partial_parse(run, cache)
+    daily_cache, daily = parse_state_candidates(project, settings, windowed=True)
+    assert daily == [daily_cache, cache, prepared] and daily_cache != cache
+
+    # An edit: neither the kept state nor the preparation's is a candidate any more.
+    later = time.time() + 5
+    macro.write_text("{% macro m() %}2{% endmacro %}\n")
+    os.utime(macro, (later, later))
+    assert project_version(project) != version
+    edited_cache, edited = parse_state_candidates(project, settings)
+    assert edited == [edited_cache] and edited_cache != cache and not edited_cache.exists()
+    # An added file, and a removed one, are edits too.
+    added = tmp_path / "macros" / "n.sql"
+    added.write_text("{% macro n() %}{% endmacro %}\n")
+    with_added = project_version(project)
+    added.unlink()
+    assert len({version, with_added, project_version(project)}) == 3
