@@ -63,7 +63,13 @@ def manifest_is_stale(project: DbtProject, database: str | None = None) -> bool:
     if database is not None and database not in _manifest_databases(project.manifest_path):
         return True
     parsed_at = project.manifest_path.stat().st_mtime
-    return any(path.stat().st_mtime > parsed_at for path in _project_files(Path(project.project_dir)))
+    for path in _project_files(Path(project.project_dir)):
+        try:
+            if path.stat().st_mtime > parsed_at:
+                return True
+        except FileNotFoundError:  # removed since it was listed
+            continue
+    return False
 
 
 def _project_files(root: Path) -> list[Path]:

@@ -134,6 +134,20 @@ def daily_counted(context):
     yield dg.AssetCheckResult(check_name="not_empty", passed=True)
 
 
+def range_tags(first: str, last: str) -> dict[str, str]:
+    """A single-run backfill of the partitions first..last."""
+    return {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
+
+
+def local_and_plain_instances(tmp_path: Path) -> list[tuple[str, dg.DagsterInstance]]:
+    """The local instance (DAGSTER_HOME, the repository's dagster.yaml) and one on Dagster's
+    own SQLite storage, to compare what each stores."""
+    plain_home = tmp_path / "plain"
+    plain_home.mkdir()
+    (plain_home / "dagster.yaml").write_text(f"storage:\n  sqlite:\n    base_dir: {plain_home}\n")
+    return [("local", dg.DagsterInstance.get()), ("plain", dg.DagsterInstance.from_config(str(plain_home)))]
+
+
 @pytest.mark.parametrize("batch_size", ["0", "1000"])
 def test_planned_checks_of_a_partition_range_are_the_rows_dagster_writes(home, tmp_path, monkeypatch, batch_size):
     """The planned checks of a single-run backfill are stored once per partition (the event
@@ -145,14 +159,9 @@ def test_planned_checks_of_a_partition_range_are_the_rows_dagster_writes(home, t
     from dagster._core.storage.sqlalchemy_compat import db_select
     from dagster._serdes import deserialize_value
 
-    plain_home = tmp_path / "plain"
-    plain_home.mkdir()
-    (plain_home / "dagster.yaml").write_text(f"storage:\n  sqlite:\n    base_dir: {plain_home}\n")
-    tags = {"dagster/asset_partition_range_start": "2026-01-01",
-            "dagster/asset_partition_range_end": "2026-02-28"}
+    tags = range_tags("2026-01-01", "2026-02-28")
     rows = {}
-    for name, instance in (("local", dg.DagsterInstance.get()),
-                           ("plain", dg.DagsterInstance.from_config(str(plain_home)))):
+    for name, instance in local_and_plain_instances(tmp_path):
         with instance:
             if name == "local":
                 assert isinstance(instance.event_log_storage, LocalSqliteEventLogStorage)
@@ -188,8 +197,7 @@ def test_table_checks_use_the_kept_engine_and_remember_only_tables_found(home):
     plain = sqlite_event_log.SqliteEventLogStorage(str(home / "history" / "runs"))
     with dg.DagsterInstance.get() as instance:
         storage = instance.event_log_storage
-        tags = {"dagster/asset_partition_range_start": "2026-01-01",
-                "dagster/asset_partition_range_end": "2026-01-31"}
+        tags = range_tags("2026-01-01", "2026-01-31")
         with mock.patch.object(sqlite_event_log, "create_engine", wraps=sqlite_event_log.create_engine) as built:
             assert dg.materialize([daily_counted], instance=instance, tags=tags).success
             assert dg.materialize([counted], instance=instance).success
@@ -214,14 +222,9 @@ def test_a_partition_ranges_materializations_are_stored_as_one_batch_with_dagste
     from dagster._core.storage.sqlalchemy_compat import db_select
 
     monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", "1000")
-    plain_home = tmp_path / "plain"
-    plain_home.mkdir()
-    (plain_home / "dagster.yaml").write_text(f"storage:\n  sqlite:\n    base_dir: {plain_home}\n")
-    tags = {"dagster/asset_partition_range_start": "2026-01-01",
-            "dagster/asset_partition_range_end": "2026-01-20"}
+    tags = range_tags("2026-01-01", "2026-01-20")
     stored = {}
-    for name, instance in (("local", dg.DagsterInstance.get()),
-                           ("plain", dg.DagsterInstance.from_config(str(plain_home)))):
+    for name, instance in local_and_plain_instances(tmp_path):
         with instance:
             storage = instance.event_log_storage
             with mock.patch.object(type(storage), "store_event_batch", autospec=True,
