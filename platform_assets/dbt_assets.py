@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -201,12 +202,48 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
     seed_partial_parse(target, *candidates)
     with dbt_process_environment(env):
         invocation = dbt.cli(args, context=context, target_path=target)
-    yield from _explain_replica_failure(_stream(invocation, context, settings), invocation, context, settings)
+    built: set[dg.AssetKey] = set()
+    for event in _explain_replica_failure(_stream(invocation, context, settings), invocation, context, settings):
+        if isinstance(event, dg.Output):
+            built.add(context.asset_key_for_output(event.output_name))
+        elif isinstance(event, dg.AssetMaterialization):
+            built.add(event.asset_key)
+        yield event
+    missing = sorted(set(context.selected_asset_keys) - built, key=lambda key: key.to_user_string())
+    if missing:
+        # The state this command started from is suspect: the next one must not start from it.
+        cache.unlink(missing_ok=True)
+        message = unbuilt_message(missing, target)
+        context.log.error(message)
+        raise dg.Failure(description=message)
     keep_partial_parse(target, cache)
     try:
         prune_run_folders(target.parent)
     except OSError as exc:  # housekeeping: never fails a run that succeeded
         context.log.warning(f"could not remove old dbt run folders under {target.parent}: {exc}")
+
+
+def unbuilt_message(missing: list[dg.AssetKey], target: Path) -> str:
+    """Why a dbt command that succeeded is still a failed step: assets it was asked for were
+    not built. dagster-dbt only logs that an op "did not yield expected outputs", and the run
+    would be successful with stale tables. Seen here when dbt-core's partial parsing dropped
+    a snapshot from the manifest it ran (see dbt_project.parse_state_candidates)."""
+    try:
+        ran = json.loads((target / "manifest.json").read_text())
+        in_manifest = {(layer_of(node), node["name"]) for node in ran.get("nodes", {}).values()
+                       if node.get("resource_type") in ("model", "snapshot")}
+    except (OSError, ValueError):
+        in_manifest = None
+    names = ", ".join(key.to_user_string() for key in missing)
+    if in_manifest is None:
+        why = "dbt wrote no manifest.json"
+    elif absent := [key for key in missing if tuple(key.path) not in in_manifest]:
+        why = (f"{', '.join(k.to_user_string() for k in absent)} not in the manifest dbt parsed for this "
+               "command (the parse state it started from was incomplete; it is discarded, so the "
+               "next run does not start from it)")
+    else:
+        why = "dbt did not select or run them"
+    return f"dbt finished without building {names}: {why}. dbt's files: {target}"
 
 
 def _preflight(context: dg.AssetExecutionContext, settings: PlatformSettings) -> PlatformSettings:

@@ -266,3 +266,40 @@ def test_cli_backfill_changes_rows_only_inside_the_range(built, pg_env):
     assert changed_days, "the late events inside the range must appear"
     assert all(first <= d <= last for d in changed_days), sorted(changed_days)
     assert len(after) > len(before)
+
+
+def test_a_selected_asset_dbt_did_not_build_fails_the_step(built):
+    """dbt-core 1.11's partial parsing once dropped a YAML snapshot from the manifest it ran
+    (dbt_project.parse_state_candidates): dbt succeeded without it and dagster-dbt only
+    logged that the op "did not yield expected outputs". The same loss, planted in the
+    kept parse state, fails the step naming the snapshot, and the state is discarded, so
+    the next run does not start from it and builds the snapshot."""
+    from dbt.contracts.graph.manifest import Manifest
+    from dbt.parser.manifest import extended_mashumaro_encoder
+
+    from platform_assets.dbt_project import parse_state_candidates
+    from platform_assets.preflight import current_settings
+
+    platform = built.platform
+    cache, _ = parse_state_candidates(platform.project, current_settings(platform.settings))
+    assert cache.exists(), "the runs so far keep their parse state"
+    state = Manifest.from_msgpack(cache.read_bytes())
+    dropped = "snapshot.reporting.snp_app__users"
+    for unique_id in [dropped, *(u for u, n in state.nodes.items() if dropped in n.depends_on.nodes)]:
+        del state.nodes[unique_id]
+    cache.write_bytes(state.to_msgpack(extended_mashumaro_encoder))
+
+    snapshots = {key for key in platform.dbt_snapshots.keys}
+    job = built.defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection=snapshots)
+    result = job.execute_in_process(instance=built.instance, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
+    assert "without building snapshots/snp_app__users" in failure.message, failure.message
+    assert "not in the manifest dbt parsed" in failure.message, failure.message
+    built_keys = {e.asset_key for e in result.get_asset_materialization_events()}
+    assert built_keys == {dg.AssetKey(["snapshots", "snp_app__subscriptions"])}
+    assert not cache.exists()
+
+    again = job.execute_in_process(instance=built.instance)
+    assert {e.asset_key for e in again.get_asset_materialization_events()} == snapshots
+    assert cache.exists()
