@@ -199,7 +199,7 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
     # The only environment a set adds is the daily facts' window: such a run keeps its own
     # parse state (see partial_parse_cache), first seeded from the profile's plain one.
     cache, candidates = parse_state_candidates(project, now, windowed=bool(env))
-    seed_partial_parse(target, *candidates)
+    seeded = seed_partial_parse(target, *candidates)
     with dbt_process_environment(env):
         invocation = dbt.cli(args, context=context, target_path=target)
     built: set[dg.AssetKey] = set()
@@ -211,8 +211,10 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
         yield event
     missing = sorted(set(context.selected_asset_keys) - built, key=lambda key: key.to_user_string())
     if missing:
-        # The state this command started from is suspect: the next one must not start from it.
-        cache.unlink(missing_ok=True)
+        # The state this command started from is suspect: the next one must not start from it
+        # (nor from what this one saved).
+        for state in {cache, seeded} - {None}:
+            state.unlink(missing_ok=True)
         message = unbuilt_message(missing, target)
         context.log.error(message)
         raise dg.Failure(description=message)

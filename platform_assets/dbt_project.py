@@ -189,19 +189,20 @@ def partial_parse_cache(project: DbtProject, settings: PlatformSettings, windowe
     return Path(project.project_dir) / project.target_path / PARSE_STATES / f"{digest}.msgpack"
 
 
-def seed_partial_parse(target: Path, *candidates: Path) -> None:
+def seed_partial_parse(target: Path, *candidates: Path) -> Path | None:
     """Seed a run folder with the first of `candidates` that exists: the kept state for this
     profile, then e.g. the profile's slot without a window (for a first daily run), then the
     one the manifest's preparation saved (`prepared_parse_state`: parsed with the settings
-    the code location loaded with, usually the same profile)."""
+    the code location loaded with, usually the same profile). Returns the state used."""
     for source in candidates:
         if source.exists():
             target.mkdir(parents=True, exist_ok=True)
             try:
                 shutil.copyfile(source, target / PARTIAL_PARSE)
-                return
+                return source
             except FileNotFoundError:  # pruned by another process meanwhile
                 continue
+    return None
 
 
 def keep_partial_parse(target: Path, cache: Path, keep: int = KEPT_PARSE_STATES) -> None:

@@ -229,8 +229,11 @@ def test_parse_states_are_kept_per_profile_and_pruned(tmp_path):
     keep_partial_parse(run, demo)
     seed_partial_parse(tmp_path / "run2", demo, prepared_parse_state(project))
     assert (tmp_path / "run2" / PARTIAL_PARSE).read_bytes() == b"demo state"
-    seed_partial_parse(tmp_path / "run3", bench, prepared_parse_state(project))
+    # which state seeded the run is returned (a run that then misses an asset discards it)
+    assert seed_partial_parse(tmp_path / "run3", bench, prepared_parse_state(project)) == prepared_parse_state(project)
     assert (tmp_path / "run3" / PARTIAL_PARSE).read_bytes() == b"prepared"
+    assert seed_partial_parse(tmp_path / "run3b", bench) is None
+    assert not (tmp_path / "run3b").exists()
     # The daily facts' runs (a window in their environment) keep a slot of their own; the
     # first one starts from the profile's plain slot, and gives back to its own.
     daily = partial_parse_cache(project, local("/a/warehouse.duckdb"), windowed=True)
@@ -239,7 +242,7 @@ def test_parse_states_are_kept_per_profile_and_pruned(tmp_path):
     assert (tmp_path / "run4" / PARTIAL_PARSE).read_bytes() == b"demo state"
     (tmp_path / "run4" / PARTIAL_PARSE).write_bytes(b"daily state")
     keep_partial_parse(tmp_path / "run4", daily)
-    seed_partial_parse(tmp_path / "run5", daily, demo, prepared_parse_state(project))
+    assert seed_partial_parse(tmp_path / "run5", daily, demo, prepared_parse_state(project)) == daily
     assert (tmp_path / "run5" / PARTIAL_PARSE).read_bytes() == b"daily state"
     assert demo.read_bytes() == b"demo state"
     daily.unlink()
