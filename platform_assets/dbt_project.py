@@ -28,12 +28,14 @@ def dbt_project_for(settings: PlatformSettings, prepare: bool = True) -> DbtProj
     )
     if not prepare:
         return project
-    # Locally the manifest is re-parsed whenever a file of the dbt project is newer than it,
-    # so the graph Dagster loads is always the one on disk. prod expects the manifest the
-    # image build parsed (`dagster-dbt project prepare-and-package`).
-    if settings.env != "prod" and manifest_is_stale(project, warehouse_database(settings)):
+    # Locally the manifest is re-parsed whenever the dbt project's files are not the ones it
+    # was parsed from, so the graph Dagster loads is always the one on disk. prod expects the
+    # manifest the image build parsed (`dagster-dbt project prepare-and-package`).
+    if settings.env == "prod":
+        return project
+    version = project_version(project)
+    if manifest_is_stale(project, warehouse_database(settings), version):
         settings.export_for_subprocesses()
-        version = project_version(project)
         # A full parse: dbt's partial parse across changed files can drop nodes (see
         # parse_state_candidates), and this manifest is the graph Dagster loads.
         prepared_parse_state(project).unlink(missing_ok=True)
@@ -54,22 +56,16 @@ def warehouse_database(settings: PlatformSettings) -> str | None:
     return None
 
 
-def manifest_is_stale(project: DbtProject, database: str | None = None) -> bool:
-    """A file of the dbt project is newer than the manifest, or the manifest was parsed for
+def manifest_is_stale(project: DbtProject, database: str | None = None, version: str | None = None) -> bool:
+    """No manifest; or it was parsed from another version of the project's files (a file
+    edited, added or removed since: `project_version`, recorded by its preparation); or for
     another warehouse database (e.g. another WAREHOUSE_PG_DB: dagster-dbt's metadata queries
     would name the old one, which PostgreSQL refuses as a cross-database reference)."""
     if not project.manifest_path.exists():
         return True
     if database is not None and database not in _manifest_databases(project.manifest_path):
         return True
-    parsed_at = project.manifest_path.stat().st_mtime
-    for path in _project_files(Path(project.project_dir)):
-        try:
-            if path.stat().st_mtime > parsed_at:
-                return True
-        except FileNotFoundError:  # removed since it was listed
-            continue
-    return False
+    return prepared_version(project) != (version or project_version(project))
 
 
 def _project_files(root: Path) -> list[Path]:

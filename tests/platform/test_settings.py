@@ -163,7 +163,12 @@ def test_a_manifest_parsed_for_another_warehouse_database_is_stale(tmp_path):
 
     from dagster_dbt import DbtProject
 
-    from platform_assets.dbt_project import manifest_is_stale, warehouse_database
+    from platform_assets.dbt_project import (
+        _prepared_version_path,
+        manifest_is_stale,
+        project_version,
+        warehouse_database,
+    )
 
     (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
     project = DbtProject(project_dir=tmp_path, target_path="target/pg")
@@ -173,9 +178,19 @@ def test_a_manifest_parsed_for_another_warehouse_database_is_stale(tmp_path):
         "model.tiny.a": {"resource_type": "model", "database": "warehouse"},
         "test.tiny.t": {"resource_type": "test", "database": "elsewhere"},
     }}))
+    # its preparation records the version of the project's files it was parsed from
+    _prepared_version_path(project).write_text(project_version(project))
     assert not manifest_is_stale(project, "warehouse")
     assert not manifest_is_stale(project, None)
     assert manifest_is_stale(project, "bench_warehouse")
+    # An added, an edited or a removed file (a removed model is in no newer file's mtime).
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "a.sql").write_text("select 1 as a")
+    assert manifest_is_stale(project, "warehouse")
+    _prepared_version_path(project).write_text(project_version(project))
+    assert not manifest_is_stale(project, "warehouse")
+    (tmp_path / "models" / "a.sql").unlink()
+    assert manifest_is_stale(project, "warehouse")
     pg = load_settings({"PLATFORM_ENV": "pg", "WAREHOUSE_PG_DB": "bench_warehouse",
                         "PLATFORM_ENV_FILE": "/nonexistent"})
     local = load_settings({"PLATFORM_ENV": "local", "DUCKDB_PATH": "/x/warehouse.duckdb",
