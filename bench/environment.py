@@ -60,6 +60,10 @@ class BenchSource:
             conn.execute("create extension if not exists postgres_fdw")
             conn.execute(sql.SQL("grant usage on foreign data wrapper postgres_fdw to {}").format(
                 sql.Identifier(WAREHOUSE_ROLE)))
+        return self.pg_warehouse_values(name)
+
+    def pg_warehouse_values(self, name: str) -> dict[str, str]:
+        """The settings of the warehouse database `name` on the primary (the `pg` target's)."""
         url = self.values["WAREHOUSE_PG_URL"].rsplit("/", 1)[0]
         return {"WAREHOUSE_PG_DB": name, "WAREHOUSE_PG_URL": f"{url}/{name}"}
 

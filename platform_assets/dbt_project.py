@@ -10,13 +10,14 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
 
 from dagster_dbt import DbtProject
 
-from .settings import DBT_PROJECT_DIR, PlatformSettings
+from .settings import DBT_PROJECT_DIR, ConfigurationError, PlatformSettings, load_settings
 
 
 def dbt_project_for(settings: PlatformSettings, prepare: bool = True) -> DbtProject:
@@ -255,3 +256,26 @@ def _manifest_databases(manifest_path: Path) -> set[str]:
         return set()
     return {node.get("database") for node in manifest.get("nodes", {}).values()
             if node.get("resource_type") == "model"}
+
+
+def main() -> int:
+    """`python -m platform_assets.dbt_project`: parse the manifest of the environment this
+    process's settings describe (PLATFORM_ENV and the rest, as for the definitions) if it is
+    stale, as loading the definitions would first. A caller can so parse several environments
+    side by side before loading any of them (the benchmark does)."""
+    started = time.perf_counter()
+    try:
+        settings = load_settings()
+        project = dbt_project_for(settings, prepare=False)
+        stale = settings.env != "prod" and manifest_is_stale(project, warehouse_database(settings))
+        dbt_project_for(settings)
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    what = "parsed" if stale else "already current"
+    print(f"{settings.env}: {project.manifest_path} {what} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
