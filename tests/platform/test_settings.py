@@ -198,17 +198,15 @@ def test_a_manifest_parsed_for_another_warehouse_database_is_stale(tmp_path):
     assert (warehouse_database(pg), warehouse_database(local)) == ("bench_warehouse", "warehouse")
 
 
-def test_preparing_the_manifest_from_the_command_line_names_a_bad_setting(tmp_path):
+def test_preparing_the_manifest_from_the_command_line_names_a_bad_setting(tmp_path, monkeypatch, capsys):
     """`python -m platform_assets.dbt_project` (what the benchmark runs side by side for each
     environment before loading any) refuses an unknown environment, naming it."""
-    import subprocess
-    import sys
+    from platform_assets.dbt_project import main
 
-    env = {**os.environ, "PLATFORM_ENV": "staging", "PLATFORM_ENV_FILE": str(tmp_path / "none.env")}
-    proc = subprocess.run([sys.executable, "-m", "platform_assets.dbt_project"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "PLATFORM_ENV='staging' is not a known environment" in proc.stderr
+    monkeypatch.setenv("PLATFORM_ENV", "staging")
+    monkeypatch.setenv("PLATFORM_ENV_FILE", str(tmp_path / "none.env"))
+    assert main() == 2
+    assert "PLATFORM_ENV='staging' is not a known environment" in capsys.readouterr().err
 
 
 def test_parse_states_are_kept_per_profile_and_pruned(tmp_path):
