@@ -280,10 +280,10 @@ class Bench:
             env = {**os.environ, **self.platform_environ("pg", self.work / "dagster-pg", pg)}
             if _needs_parsing(env):
                 jobs["pg"] = (platform_cmd, env)
-        version = project_version(dbt_project_for(load_settings(), prepare=False))
-        plain_marker = None
+        plain_marker = version = None
         if "b" in stages or "c" in stages:
             cmd, env, target = self.plain_dbt("parse")
+            version = project_version(dbt_project_for(load_settings(env), prepare=False))
             plain_marker = target / "bench-parsed.version"
             current = (target / "partial_parse.msgpack").exists() and plain_marker.exists() \
                 and plain_marker.read_text() == version
