@@ -25,17 +25,14 @@ recent_activity as (
         sum(learning_seconds) as learning_seconds_30d,
         sum(sessions) as sessions_30d
     from {{ ref('fct_daily_learning_activity') }}
-    where activity_date >= cast({{ dbt.dateadd('day', -30, utc_now()) }} as date)
+    where {{ within_last_days('activity_date') }}
     group by company_id
 
 ),
 
 recent_learners as (
 
-    select company_id, count(distinct user_id) as active_learners_30d
-    from {{ ref('fct_lesson_events') }}
-    where event_date >= cast({{ dbt.dateadd('day', -30, utc_now()) }} as date)
-    group by company_id
+    {{ active_learners_last_days('company_id') }}
 
 )
 
