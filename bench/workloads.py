@@ -21,20 +21,12 @@ from typing import Any
 
 import dagster as dg
 from dagster_dbt import build_dbt_asset_selection
-from filelock import Timeout
 from localenv.demo import Runner
 from localenv.environment import WAREHOUSE_DB
 from localenv.simulator import simulate
 
 from platform_assets.assembly import Platform, build_platform
-from platform_assets.dbt_assets import build_args
-from platform_assets.dbt_project import (
-    dbt_project_for,
-    manifest_is_stale,
-    partial_parse_cache,
-    project_version,
-    warehouse_database,
-)
+from platform_assets.dbt_assets import INDIRECT_SELECTION_TAG, build_args
 from platform_assets.settings import DBT_PROJECT_DIR, REPO_ROOT, load_settings
 
 from . import dbtlog, floor
@@ -129,9 +121,9 @@ def dagster_run_artifacts(platform: Platform, instance: dg.DagsterInstance) -> d
 
 
 def dbt_keys(platform: Platform, select: str | None = None) -> set[dg.AssetKey]:
-    """The assets `dbt build [--select select]` builds: the models and snapshots of the three
+    """The assets `dbt build [--select select]` builds: the models and snapshots of the two
     dbt asset sets (those the selection names)."""
-    sets = (platform.dbt_models, platform.dbt_daily_facts, platform.dbt_snapshots)
+    sets = (platform.dbt_models, platform.dbt_daily_facts)
     keys = {key for assets_def in sets for key in assets_def.keys}
     if select:
         graph = platform.defs.resolve_asset_graph()
@@ -155,8 +147,7 @@ def full_refresh(platform: Platform, instance: dg.DagsterInstance, progress,
     partitions = platform.dbt_daily_facts.partitions_def.get_partition_keys()
     # As in run_all: tests whose parents are in two runs wait for the second one.
     if before_daily:
-        with environ({"DBT_INDIRECT_SELECTION": "cautious"}):
-            r.subset("staging, dimensions, snapshots", before_daily)
+        r.subset("staging, dimensions, snapshots", before_daily, tags={INDIRECT_SELECTION_TAG: "cautious"})
     if r.daily_keys & keys:
         r.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1],
                 r.daily_keys & keys)
@@ -183,15 +174,6 @@ def refresh(platform: Platform, instance: dg.DagsterInstance, cursor, progress, 
             r.subset("requested models", requested - r.daily_keys)
         r.requested_daily(result, requested)
     return {"materialized": r.materialized, "cursor": cursor}
-
-
-def _needs_parsing(env: dict[str, str]) -> bool:
-    """Would loading the platform with this environment parse its manifest first, or its
-    first run parse the project in full (no parse state kept for this profile yet)?"""
-    settings = load_settings(env)
-    project = dbt_project_for(settings, prepare=False)
-    return manifest_is_stale(project, warehouse_database(settings)) \
-        or not partial_parse_cache(project, settings).exists()
 
 
 def remove_duckdb_file(path: Path) -> None:
@@ -240,78 +222,30 @@ class Bench:
                 "DUCKDB_PATH": str(folder / "warehouse.duckdb"), **(extra or {})}
 
     def _load_platform(self, env: str) -> Platform:
+        """The platform for a stage, loaded before its clock starts, with its manifest and the
+        parse state its dbt commands start from prepared with the stage's own settings (as a
+        deployment's are): dagster-dbt's preparer, i.e. `dbt parse` into the environment's
+        target folder."""
         t0 = time.perf_counter()
-        for attempt in range(3):
-            try:
-                with self.captured():
-                    platform = build_platform(load_settings())
-                break
-            except Timeout:
-                # Another process holds the manifest's preparation lock (it re-parses the
-                # project after an edit): wait for it rather than fail the whole benchmark.
-                if attempt == 2:
-                    raise
-                self.say("  the dbt manifest is being prepared by another process: waiting")
+        with self.captured():
+            platform = build_platform(load_settings())
+            platform.project.preparer.prepare(platform.project)
         self.results.extra.setdefault("platform_load_s", {})[env] = round(time.perf_counter() - t0, 3)
         return platform
 
     # -- set-up, before any clock ---------------------------------------------------------------
     def prepare_parses(self) -> None:
-        """Parse, side by side and before any measurement, what the first repetitions would
-        otherwise parse in full inside their clocks on a machine new to this version of the
-        project or to this scale: for each platform environment a stage loads, its manifest
-        and the parse state its runs start from (`python -m platform_assets.dbt_project`:
-        what loading the definitions and the first dbt command would do), and plain dbt's
-        parse state for (b) (`dbt parse` with (b)'s settings and target folder, as a user's
-        earlier command leaves it: (b) is measured with a warm partial parse). Each is a dbt
-        process of about 10 s of one core; one after the other, inside the stages, they made
-        a cold quick run about 45 s longer, and (e), one repetition, carried a full parse at
-        any scale but the one the manifest was last prepared at. What is current is not
-        parsed again."""
-        stages = self.config.stages
-        jobs: dict[str, tuple[list[str], dict[str, str]]] = {}
-        platform_cmd = [sys.executable, "-m", "platform_assets.dbt_project"]
-        if "a" in stages:
-            env = {**os.environ, **self.platform_environ("local", self.work / "dagster-local")}
-            if _needs_parsing(env):
-                jobs["local"] = (platform_cmd, env)
-        if "e" in stages:
-            pg = self.source.pg_warehouse_values(PG_WAREHOUSE_DB)
-            env = {**os.environ, **self.platform_environ("pg", self.work / "dagster-pg", pg)}
-            if _needs_parsing(env):
-                jobs["pg"] = (platform_cmd, env)
-        plain_marker = version = None
-        if "b" in stages or "c" in stages:
-            cmd, env, target = self.plain_dbt("parse")
-            version = project_version(dbt_project_for(load_settings(env), prepare=False))
-            plain_marker = target / "bench-parsed.version"
-            current = (target / "partial_parse.msgpack").exists() and plain_marker.exists() \
-                and plain_marker.read_text() == version
-            if not current:
-                jobs["plain dbt"] = (cmd, env)
-        if not jobs:
+        """(b) is measured with a warm partial parse, as a user's earlier command leaves it: its
+        parse state is made here, before any clock (`dbt parse` with (b)'s settings and target)."""
+        if "b" not in self.config.stages and "c" not in self.config.stages:
             self.results.extra["setup"] = {"parsed": [], "seconds": 0.0}
             return
         t0 = time.perf_counter()
-        self.say(f"  parsing the project for {', '.join(jobs)} (side by side, before the measurements)")
-        procs = {}
-        for name, (cmd, env) in jobs.items():
-            log = open(self.work / f"parse-{name.replace(' ', '-')}.log", "w")  # noqa: SIM115 - closed below
-            procs[name] = (subprocess.Popen(cmd, env=env, cwd=DBT_PROJECT_DIR, stdout=log,
-                                            stderr=subprocess.STDOUT), log)
-        failed = []
-        for name, (proc, log) in procs.items():
-            if proc.wait() != 0:
-                failed.append(f"{name} (exit {proc.returncode}, see {log.name}):\n"
-                              f"{Path(log.name).read_text()[-2000:]}")
-            log.close()
-        seconds = round(time.perf_counter() - t0, 3)
-        self.results.extra["setup"] = {"parsed": list(jobs), "seconds": seconds}
-        if failed:
-            raise RuntimeError("parsing the project failed: " + "\n".join(failed))
-        if plain_marker is not None and "plain dbt" in jobs:
-            plain_marker.write_text(version)
-        self.say(f"  parsed in {seconds:.1f}s")
+        cmd, env, target = self.plain_dbt("parse")
+        proc = subprocess.run(cmd, env=env, cwd=DBT_PROJECT_DIR, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"dbt parse for (b) failed ({proc.returncode}):\n{proc.stdout[-2000:]}")
+        self.results.extra["setup"] = {"parsed": ["plain dbt"], "seconds": round(time.perf_counter() - t0, 3)}
 
     # -- (b) plain dbt build and (c) the raw floor ----------------------------------------------
     def plain_dbt(self, command: str) -> tuple[list[str], dict[str, str], Path]:

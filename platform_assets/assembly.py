@@ -12,20 +12,15 @@ from dataclasses import dataclass
 import dagster as dg
 from dagster_dbt import DbtProject
 
-from .automation import (
-    automation_sensors,
-    late_events_schedule,
-    observe_schedule,
-    run_failure_alert,
-)
+from .automation import automation_sensors, late_events_schedule, observe_schedule, run_failure_alert
 from .checks import build_source_checks, replica_lag_check_keys
 from .dbt_assets import SIZING, WAREHOUSE_POOL, PlatformTranslator, build_dbt_assets
-from .dbt_project import dbt_project_for, prepared_parse_state
-from .dbt_resource import PlatformDbtResource, dbt_executable
+from .dbt_project import dbt_project_for, dbt_resource
 from .exports import Exports, build_exports
 from .exposures import Dashboard, dashboard_refresh_sensor, dashboard_specs, dashboards_from_manifest
+from .resources import replica_resource, warehouse_resource
 from .settings import PlatformSettings
-from .sources import FederatedTable, ReplicaResource, build_federated_sources
+from .sources import FederatedTable, build_federated_sources
 
 
 @dataclass(frozen=True)
@@ -40,14 +35,11 @@ class Platform:
     federated_sources: dg.AssetsDefinition
     dbt_models: dg.AssetsDefinition
     dbt_daily_facts: dg.AssetsDefinition
-    dbt_snapshots: dg.AssetsDefinition
     dashboards: list[Dashboard]
     exports: Exports
 
 
 def build_platform(settings: PlatformSettings) -> Platform:
-    # Values read from .local/platform.env must reach dbt subprocesses and EnvVar resources.
-    settings.export_for_subprocesses()
     dbt_project = dbt_project_for(settings)
     manifest = json.loads(dbt_project.manifest_path.read_text())
     federated_sources, federated_tables = build_federated_sources(
@@ -55,7 +47,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
     )
     # Automation holds the refreshes downstream of a source whose replica_lag check failed.
     lag_check_keys = replica_lag_check_keys(federated_tables)
-    dbt_models, dbt_daily_facts, dbt_snapshots = build_dbt_assets(
+    dbt_models, dbt_daily_facts = build_dbt_assets(
         dbt_project, settings, lag_checks=dg.AssetSelection.checks(*lag_check_keys)
     )
     source_keys = [t.key for t in federated_tables]
@@ -83,7 +75,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
     )
 
     defs = dg.Definitions(
-        assets=[federated_sources, dbt_models, dbt_daily_facts, dbt_snapshots, exports.asset,
+        assets=[federated_sources, dbt_models, dbt_daily_facts, exports.asset,
                 *dashboard_specs(dashboards)],
         asset_checks=build_source_checks(federated_tables, settings),
         jobs=[observe_job, daily_facts_job, dbt_job, exports.job],
@@ -96,28 +88,21 @@ def build_platform(settings: PlatformSettings) -> Platform:
             *automation_sensors({
                 "unpartitioned": (dbt_models, SIZING["unpartitioned"]),
                 "daily_facts": (dbt_daily_facts, SIZING["daily"]),
-                "snapshots": (dbt_snapshots, SIZING["snapshots"]),
             }),
             run_failure_alert,
             exports.sensor,
             dashboard_refresh_sensor(dashboards),
         ],
         resources={
-            "dbt": PlatformDbtResource(
-                project_dir=dbt_project,
-                profiles_dir=str(dbt_project.profiles_dir),
-                target=settings.dbt_target,
-                dbt_executable=dbt_executable(warm_start=settings.dbt_warm_start),
-                adapter_in_dagster=settings.engine != "duckdb",
-                warm_parse_state=str(prepared_parse_state(dbt_project)),
-            ),
-            # EnvVar: the URL (with its password) is never shown in the UI or stored with a run.
-            "replica": ReplicaResource(url=dg.EnvVar("REPLICA_URL")),
+            "dbt": dbt_resource(dbt_project),
+            # EnvVar: values (passwords among them) are never shown in the UI or stored with a run.
+            "replica": replica_resource(settings.env),
+            "warehouse": warehouse_resource(settings.env),
         },
     )
 
     return Platform(
         defs=defs, settings=settings, project=dbt_project, manifest=manifest, federated_tables=federated_tables,
         federated_sources=federated_sources, dbt_models=dbt_models,
-        dbt_daily_facts=dbt_daily_facts, dbt_snapshots=dbt_snapshots, dashboards=dashboards, exports=exports,
+        dbt_daily_facts=dbt_daily_facts, dashboards=dashboards, exports=exports,
     )

@@ -15,8 +15,9 @@ lives in the automation condition instead, where it is visible (labelled) in the
 
 import dagster as dg
 
+from .resources import ReplicaResource
 from .settings import PlatformSettings
-from .sources import FederatedTable, ReplicaResource
+from .sources import FederatedTable
 
 REPLICA_LAG_CHECK = "replica_lag"
 

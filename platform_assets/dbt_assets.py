@@ -1,52 +1,36 @@
 """dbt models, snapshots and tests as Dagster assets and checks.
 
-Three asset sets, split by selector (STYLE.md):
-- the unpartitioned models (staging views, dimensions, tables, reporting views);
-- the daily-partitioned incremental facts: a run (one day or a whole backfill range, single
-  run) hands its partition window to dbt (PLATFORM_WINDOW_START/_END in the environment of
-  the dbt process: the same window as the `window_start`/`window_end` vars, without
-  throwing dbt's parse state away), so any range is one dbt invocation and one statement
-  per model;
-- the snapshots (SCD2 history).
-All three write the warehouse, so they share the `warehouse` pool (one at a time locally:
-a DuckDB file has a single writer).
+Two asset sets, split by selector (STYLE.md): the unpartitioned models with the snapshots
+(staging views, dimensions, tables, reporting views, SCD2 history), and the
+daily-partitioned incremental facts, whose run (one day or a whole backfill range, single
+run) hands its partition window to dbt as dbt's event-time bounds (`--event-time-start`,
+`--event-time-end`, read by macros/incremental.sql): any range is one dbt command and one
+statement per model, and the bounds leave dbt's parse state valid. Both sets write the
+warehouse, so they share the `warehouse` pool (one at a time locally: a DuckDB file has a
+single writer).
 """
 
-
 import json
-import os
 import re
-import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import (
-    DagsterDbtTranslator,
-    DagsterDbtTranslatorSettings,
-    DbtCliResource,
-    DbtProject,
-    dbt_assets,
-)
+from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtCliResource, DbtProject, dbt_assets
 from dagster_dbt.errors import DagsterDbtCliRuntimeError
 
 from .automation import automation_for
-from .dbt_project import (
-    keep_partial_parse,
-    parse_state_candidates,
-    prune_run_folders,
-    run_target_path,
-    seed_partial_parse,
-)
-from .preflight import current_settings, explain_dbt_failure, preflight, redact
-from .settings import ConfigurationError, PlatformSettings
+from .dbt_project import prune_run_folders, run_target_path
+from .preflight import explain_dbt_failure, redact
+from .resources import ReplicaResource, WarehouseResource, run_preflight
+from .settings import PlatformSettings
 
 DAILY_SELECT = "tag:daily_partitioned"
-SNAPSHOT_SELECT = "resource_type:snapshot"
 WAREHOUSE_POOL = "warehouse"
+# A run tag the demo's first build sets: dbt's indirect selection for its test selection.
+INDIRECT_SELECTION_TAG = "platform/dbt_indirect_selection"
 
 # Default freshness of a mart when its dbt meta does not say (hours).
 DEFAULT_FRESHNESS = {"warn_after_hours": 12, "fail_after_hours": 24}
@@ -57,7 +41,6 @@ DEFAULT_FRESHNESS = {"warn_after_hours": 12, "fail_after_hours": 24}
 SIZING = {
     "unpartitioned": {"ecs/cpu": "1024", "ecs/memory": "4096"},
     "daily": {"ecs/cpu": "2048", "ecs/memory": "8192"},
-    "snapshots": {"ecs/cpu": "512", "ecs/memory": "2048"},
     # customer exports (platform_assets/exports.py): the engine does the work, the run waits
     "exports": {"ecs/cpu": "512", "ecs/memory": "2048"},
 }
@@ -71,46 +54,8 @@ def layer_of(props: Mapping[str, Any]) -> str:
     return fqn[1] if len(fqn) > 2 else "models"
 
 
-def window_vars(start: datetime, end: datetime) -> dict[str, str]:
-    """dbt vars for a partition window (end exclusive), as `dbt ... --vars` takes them."""
-    return {"window_start": start.strftime("%Y-%m-%d %H:%M:%S"), "window_end": end.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def window_env(start: datetime, end: datetime) -> dict[str, str]:
-    """The same window as environment variables of the dbt process (macros/incremental.sql).
-
-    dbt discards its whole parse state when --vars differ from the last invocation's, so a
-    window in --vars meant a full parse of the project on every partition run (seconds);
-    a changed environment variable re-parses only the models that read it."""
-    vars_ = window_vars(start, end)
-    return {"PLATFORM_WINDOW_START": vars_["window_start"], "PLATFORM_WINDOW_END": vars_["window_end"]}
-
-
-_ENVIRON_LOCK = threading.RLock()  # re-entrant: a block may start runs that start dbt
-
-
-@contextmanager
-def dbt_process_environment(extra: Mapping[str, str] | None) -> Iterator[None]:
-    """os.environ plus `extra` for a block: around dagster-dbt starting a dbt process (it hands
-    the process a copy of os.environ), or around runs whose dbt processes all need it. The
-    previous values are back at the end of the block."""
-    if not extra:
-        yield
-        return
-    with _ENVIRON_LOCK:
-        saved = {name: os.environ.get(name) for name in extra}
-        os.environ.update(extra)
-        try:
-            yield
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-
-
-def build_args(command: str, vars_: Mapping[str, str] | None = None) -> list[str]:
+def build_args(command: str, window: tuple[datetime, datetime] | None = None,
+               indirect_selection: str | None = None) -> list[str]:
     """The dbt command line for a set (selection is added by dagster-dbt from the context).
 
     dbt unit tests check code, not data: they run in CI (tests/dbt), not on every refresh.
@@ -118,8 +63,11 @@ def build_args(command: str, vars_: Mapping[str, str] | None = None) -> list[str
     args = [command]
     if command == "build":
         args += ["--exclude-resource-type", "unit_test"]
-    if vars_:
-        args += ["--vars", json.dumps(dict(vars_), sort_keys=True)]
+    if window:
+        args += ["--event-time-start", window[0].strftime("%Y-%m-%dT%H:%M:%S"),
+                 "--event-time-end", window[1].strftime("%Y-%m-%dT%H:%M:%S")]
+    if indirect_selection:
+        args += ["--indirect-selection", indirect_selection]
     return args
 
 
@@ -189,21 +137,16 @@ def freshness_policy_for(props: Mapping[str, Any]) -> dg.FreshnessPolicy:
     )
 
 
-# -- metadata after a run ---------------------------------------------------------------------
-def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.AssetExecutionContext,
-         settings: PlatformSettings, env: Mapping[str, str] | None = None):
-    """One dbt invocation in a run folder seeded with a warm parse state (dbt_project.py),
-    with `env` added to the dbt process's environment."""
-    now = _preflight(context, settings)  # before anything is created, even the run folder
-    target = run_target_path(project, context.op_execution_context.op.name, context.run.run_id)
-    # The only environment a set adds is the daily facts' window: such a run keeps its own
-    # parse state (see partial_parse_cache), first seeded from the profile's plain one.
-    cache, candidates = parse_state_candidates(project, now, windowed=bool(env))
-    seeded = seed_partial_parse(target, *candidates)
-    with dbt_process_environment(env):
-        invocation = dbt.cli(args, context=context, target_path=target)
+# -- one dbt command ------------------------------------------------------------------------
+def _dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: DbtProject, args: list[str],
+         replica: ReplicaResource, warehouse: WarehouseResource) -> Iterator:
+    """One dbt command in its own run folder, after the preflight (nothing is created when a
+    setting is wrong); fails the step when dbt succeeded without building an asset it selected."""
+    run_preflight(replica, warehouse)
+    target = run_target_path(project, context)
+    invocation = dbt.cli(args, context=context, target_path=target)
     built: set[dg.AssetKey] = set()
-    for event in _explain_replica_failure(_stream(invocation, context, settings), invocation, context, settings):
+    for event in _explain_replica_failure(_stream(invocation, context, warehouse), invocation, context, replica):
         if isinstance(event, dg.Output):
             built.add(context.asset_key_for_output(event.output_name))
         elif isinstance(event, dg.AssetMaterialization):
@@ -211,14 +154,9 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
         yield event
     missing = sorted(set(context.selected_asset_keys) - built, key=lambda key: key.to_user_string())
     if missing:
-        # The state this command started from is suspect: the next one must not start from it
-        # (nor from what this one saved).
-        for state in {cache, seeded} - {None}:
-            state.unlink(missing_ok=True)
         message = unbuilt_message(missing, target)
         context.log.error(message)
         raise dg.Failure(description=message)
-    keep_partial_parse(target, cache)
     try:
         prune_run_folders(target.parent)
     except OSError as exc:  # housekeeping: never fails a run that succeeded
@@ -228,8 +166,7 @@ def _dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], context: dg.
 def unbuilt_message(missing: list[dg.AssetKey], target: Path) -> str:
     """Why a dbt command that succeeded is still a failed step: assets it was asked for were
     not built. dagster-dbt only logs that an op "did not yield expected outputs", and the run
-    would be successful with stale tables. Seen here when dbt-core's partial parsing dropped
-    a snapshot from the manifest it ran (see dbt_project.parse_state_candidates)."""
+    would be successful with stale tables (seen when dbt's partial parsing dropped a snapshot)."""
     try:
         ran = json.loads((target / "manifest.json").read_text())
         in_manifest = {(layer_of(node), node["name"]) for node in ran.get("nodes", {}).values()
@@ -240,28 +177,14 @@ def unbuilt_message(missing: list[dg.AssetKey], target: Path) -> str:
     if in_manifest is None:
         why = "dbt wrote no manifest.json"
     elif absent := [key for key in missing if tuple(key.path) not in in_manifest]:
-        why = (f"{', '.join(k.to_user_string() for k in absent)} not in the manifest dbt parsed for this "
-               "command (the parse state it started from was incomplete; it is discarded, so the "
-               "next run does not start from it)")
+        why = f"{', '.join(k.to_user_string() for k in absent)} not in the manifest dbt parsed for this command"
     else:
         why = "dbt did not select or run them"
     return f"dbt finished without building {names}: {why}. dbt's files: {target}"
 
 
-def _preflight(context: dg.AssetExecutionContext, settings: PlatformSettings) -> PlatformSettings:
-    """Bad configuration fails here, before dbt starts: one message naming the setting, and
-    nothing created (no DuckDB file, no schema). See preflight.py. Returns the settings as
-    the dbt process will see them."""
-    try:
-        now = current_settings(settings)
-        preflight(now)
-    except ConfigurationError as exc:
-        raise dg.Failure(description=f"preflight: {exc}", allow_retries=False) from None
-    return now
-
-
 def _explain_replica_failure(events: Iterator, invocation, context: dg.AssetExecutionContext,
-                             settings: PlatformSettings) -> Iterator:
+                             replica: ReplicaResource) -> Iterator:
     """A dbt failure while the replica is unreachable becomes one Failure naming the replica
     (host:port, REPLICA_URL) and the sources the failing models read, not a dbt traceback."""
     try:
@@ -276,81 +199,44 @@ def _explain_replica_failure(events: Iterator, invocation, context: dg.AssetExec
             if node.get("resource_type") in ("model", "snapshot")
             and dg.AssetKey([layer_of(node), node["name"]]) in context.selected_asset_keys
         ]
-        message = explain_dbt_failure(current_settings(settings), invocation.manifest, run_results, selected)
+        settings = PlatformSettings(env=replica.env, values=replica.values())
+        message = explain_dbt_failure(settings, invocation.manifest, run_results, selected)
         if message is None:
             raise
         context.log.error(message)
         raise dg.Failure(description=message, metadata={"dbt_error": redact(str(exc))[:2000]}) from None
 
 
-def _stream(invocation, context: dg.AssetExecutionContext, settings: PlatformSettings):
+def _stream(invocation, context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> Iterator:
     """dbt events as Dagster events, with row counts and column metadata.
 
-    On PostgreSQL and Redshift dagster-dbt's fetchers query the warehouse while dbt runs.
-    A DuckDB file has one writer: a second connection from this process while dbt holds it
-    fails ("Could not set lock"), so there the metadata is read after dbt has exited, over a
-    read-only connection that is closed at once.
+    On PostgreSQL and Redshift dagster-dbt's fetchers query the warehouse while dbt runs. A
+    DuckDB file has one writer, so there the metadata is read after dbt has exited.
     """
-    if settings.engine != "duckdb":
+    if warehouse.engine != "duckdb":
         yield from invocation.stream().fetch_row_counts().fetch_column_metadata()
         return
-    # dbt exits non-zero when a test fails: the events of what it did build and test (the
-    # materializations, the check results with their failed row counts) are still yielded,
-    # then the error is raised.
+    # dbt exits non-zero when a test fails: what it did build and test is still yielded first.
     events, error = [], None
     try:
         for event in invocation.stream():
             events.append(event)
     except DagsterDbtCliRuntimeError as exc:
         error = exc
-    yield from _with_duckdb_metadata(events, context, invocation.manifest, settings.get("DUCKDB_PATH"))
+    relations = {
+        dg.AssetKey([layer_of(node), node["name"]]): (node["schema"], node.get("alias") or node["name"])
+        for node in invocation.manifest["nodes"].values()
+        if node["resource_type"] in ("model", "snapshot") and node.get("config", {}).get("materialized") != "ephemeral"
+    }
+    keys = [context.asset_key_for_output(e.output_name) if isinstance(e, dg.Output)
+            else e.asset_key if isinstance(e, dg.AssetMaterialization) else None for e in events]
+    metadata = warehouse.duckdb_table_metadata({k: relations[k] for k in keys if k in relations})
+    for event, key in zip(events, keys, strict=True):
+        if isinstance(event, dg.Output | dg.AssetMaterialization) and key in metadata:
+            event = event.with_metadata({**event.metadata, **metadata[key]})
+        yield event
     if error is not None:
         raise error
-
-
-def _with_duckdb_metadata(events: list, context, manifest: Mapping[str, Any], path: str) -> Iterator:
-    import duckdb
-
-    relations: dict[dg.AssetKey, tuple[str, str]] = {
-        dg.AssetKey([layer_of(node), node["name"]]): (node["schema"], node.get("alias") or node["name"])
-        for node in manifest["nodes"].values()
-        if node["resource_type"] in ("model", "snapshot")
-        and node.get("config", {}).get("materialized") != "ephemeral"
-    }
-    con = duckdb.connect(path, read_only=True)
-    try:
-        for event in events:
-            if isinstance(event, dg.Output):
-                key = context.asset_key_for_output(event.output_name)
-            else:
-                key = getattr(event, "asset_key", None)
-            if isinstance(event, dg.Output | dg.AssetMaterialization) and key in relations:
-                event = event.with_metadata({**event.metadata, **_duckdb_table_metadata(con, *relations[key])})
-            yield event
-    finally:
-        con.close()
-
-
-def _duckdb_table_metadata(con, schema: str, name: str) -> dict[str, Any]:
-    cols = con.execute(
-        "select column_name, data_type from information_schema.columns"
-        " where table_schema = ? and table_name = ? order by ordinal_position",
-        [schema, name],
-    ).fetchall()
-    if not cols:
-        return {}
-    meta: dict[str, Any] = {
-        "dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn(c, t) for c, t in cols]),
-    }
-    kind = con.execute(
-        "select table_type from information_schema.tables where table_schema = ? and table_name = ?",
-        [schema, name],
-    ).fetchone()
-    # Views read the replica, which this read-only connection does not attach: count tables only.
-    if kind and kind[0] == "BASE TABLE":
-        count = con.execute(f'select count(*) from "{schema}"."{name}"').fetchone()[0]
-        meta["dagster/row_count"] = dg.MetadataValue.int(int(count))
-    return meta
 
 
 _SOURCE_CALL = re.compile(r"source\(\s*['\"]([^'\"]+)['\"]\s*,\s*['\"]([^'\"]+)['\"]\s*\)")
@@ -383,54 +269,27 @@ def build_dbt_assets(project: DbtProject, settings: PlatformSettings,
                      lag_checks: dg.AssetSelection | None = None) -> list[dg.AssetsDefinition]:
     manifest = attach_source_tests(json.loads(project.manifest_path.read_text()))
     translator = PlatformTranslator(engine=settings.engine, lag_checks=lag_checks)
-    # The other sets' translators leave the source tests to the unpartitioned set.
+    # The daily set's translator leaves the source tests to the unpartitioned set.
     secondary = PlatformTranslator(engine=settings.engine, source_tests_as_checks=False, lag_checks=lag_checks)
     daily = dg.DailyPartitionsDefinition(start_date=settings.partitions_start, end_offset=1)
 
-    @dbt_assets(
-        manifest=manifest,
-        project=project,
-        name="dbt_models",
-        exclude=f"{DAILY_SELECT} {SNAPSHOT_SELECT}",
-        dagster_dbt_translator=translator,
-        pool=WAREHOUSE_POOL,
-        op_tags=SIZING["unpartitioned"],
-    )
-    def dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource):
-        yield from _dbt(dbt, project, build_args("build"), context, settings)
+    @dbt_assets(manifest=manifest, project=project, name="dbt_models", exclude=DAILY_SELECT,
+                dagster_dbt_translator=translator, pool=WAREHOUSE_POOL, op_tags=SIZING["unpartitioned"])
+    def dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource, replica: ReplicaResource,
+                   warehouse: WarehouseResource):
+        args = build_args("build", indirect_selection=context.run.tags.get(INDIRECT_SELECTION_TAG))
+        yield from _dbt(context, dbt, project, args, replica, warehouse)
 
-    @dbt_assets(
-        manifest=manifest,
-        project=project,
-        name="dbt_daily_facts",
-        select=DAILY_SELECT,
-        partitions_def=daily,
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        dagster_dbt_translator=secondary,
-        pool=WAREHOUSE_POOL,
-        op_tags=SIZING["daily"],
-    )
-    def dbt_daily_facts(context: dg.AssetExecutionContext, dbt: DbtCliResource):
+    @dbt_assets(manifest=manifest, project=project, name="dbt_daily_facts", select=DAILY_SELECT,
+                partitions_def=daily, backfill_policy=dg.BackfillPolicy.single_run(),
+                dagster_dbt_translator=secondary, pool=WAREHOUSE_POOL, op_tags=SIZING["daily"])
+    def dbt_daily_facts(context: dg.AssetExecutionContext, dbt: DbtCliResource, replica: ReplicaResource,
+                        warehouse: WarehouseResource):
+        window = None
+        # A run of the checks alone (no asset selected) has no partition: tests only.
         if context.has_partition_key_range:
-            window = context.partition_time_window
-            env = window_env(window.start, window.end)
-            context.log.info(f"dbt window [{window.start}, {window.end}) for {context.partition_key_range}: "
-                             + ", ".join(f"{k}={v}" for k, v in env.items()))
-        else:
-            # A run of the checks alone (no asset selected) has no partition: tests only.
-            env = None
-        yield from _dbt(dbt, project, build_args("build"), context, settings, env=env)
+            window = (context.partition_time_window.start, context.partition_time_window.end)
+            context.log.info(f"dbt window [{window[0]}, {window[1]}) for {context.partition_key_range}")
+        yield from _dbt(context, dbt, project, build_args("build", window), replica, warehouse)
 
-    @dbt_assets(
-        manifest=manifest,
-        project=project,
-        name="dbt_snapshots",
-        select=SNAPSHOT_SELECT,
-        dagster_dbt_translator=secondary,
-        pool=WAREHOUSE_POOL,
-        op_tags=SIZING["snapshots"],
-    )
-    def dbt_snapshots(context: dg.AssetExecutionContext, dbt: DbtCliResource):
-        yield from _dbt(dbt, project, build_args("build"), context, settings)
-
-    return [dbt_models, dbt_daily_facts, dbt_snapshots]
+    return [dbt_models, dbt_daily_facts]

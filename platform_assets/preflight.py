@@ -33,7 +33,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .settings import ConfigurationError, PlatformSettings, load_settings
+from .settings import ConfigurationError, PlatformSettings
 
 CONNECT_TIMEOUT_SECONDS = 5
 
@@ -159,14 +159,12 @@ def _check_warehouse(settings: PlatformSettings) -> None:
                                                     endpoint.dbname))) from None
 
 
-def current_settings(built: PlatformSettings) -> PlatformSettings:
-    """The settings of the built environment as the process has them now (what dbt will see)."""
-    return load_settings({**os.environ, "PLATFORM_ENV": built.env})
-
-
-def preflight(settings: PlatformSettings, warehouse: bool = True) -> None:
-    """Raise PreflightError (one message naming the setting) at the first problem found."""
-    settings.check()
+def preflight(settings: PlatformSettings, warehouse: bool = True, complete: bool = True) -> None:
+    """Raise PreflightError (one message naming the setting) at the first problem found.
+    `complete`: first check that every variable of the environment is set (in a run, Dagster
+    has already refused an unset variable of a resource)."""
+    if complete:
+        settings.check()
     _check_replica(settings)
     if warehouse:
         _check_warehouse(settings)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from platform_assets.dbt_project import dbt_project_for
+from platform_assets.dbt_project import project_for
 from platform_assets.settings import load_settings
 
-dbt_project = dbt_project_for(load_settings(), prepare=False)
+dbt_project = project_for(load_settings())

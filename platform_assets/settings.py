@@ -4,18 +4,20 @@
 environment appears in every map below; an unknown environment or a missing variable is an
 error naming it, never a silent fallback.
 
-For the local environments (local, pg) the values `make up` writes to
-`.local/platform.env` are read too (variables already set in the process win), so that
-`dagster dev` or the CLI works without sourcing the file first.
+For the local environments (local, pg) `.local/platform.env` (written by `make up`) is the
+local stand-in for a task definition's environment: `load_settings()` loads it into the
+process environment once, with python-dotenv (variables already set win), so that EnvVar
+resources and the dbt processes dagster-dbt starts see the same values as the settings.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+
+from dotenv import dotenv_values, load_dotenv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DBT_PROJECT_DIR = REPO_ROOT / "dbt"
@@ -46,24 +48,15 @@ EXPORT_METHODS = {"local": "duckdb_copy", "pg": "duckdb_copy", "prod": "redshift
 DEFAULT_EXPORT_URIS = {"local": "{local_dir}/exports", "pg": "{local_dir}/exports", "prod": None}
 # whether .local/platform.env is consulted
 READS_LOCAL_ENV_FILE = {"local": True, "pg": True, "prod": False}
-# DAGSTER_EVENT_BATCH_SIZE unless set: the most events Dagster hands the event log at once
-# (a batch ends earlier, with the partition range; 1000 days is nearly three years).
-EVENT_BATCH_SIZE = 1000
 
 
 class ConfigurationError(ValueError):
     """A platform setting is missing or malformed; the message names it."""
 
 
-def _env_file_values(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#") and "=" in line:
-                key, value = line.split("=", 1)
-                values[key.strip()] = value.strip()
-    return values
+def env_file_values(path: Path) -> dict[str, str]:
+    """The KEY=value pairs of a platform.env file (none when it does not exist)."""
+    return {k: v for k, v in dotenv_values(path).items() if v is not None} if path.exists() else {}
 
 
 @dataclass(frozen=True)
@@ -88,40 +81,6 @@ class PlatformSettings:
 
     def optional(self, name: str, default: str | None = None) -> str | None:
         return self.values.get(name) or default
-
-    def dbt_env(self) -> dict[str, str]:
-        """The variables handed to dbt subprocesses: the environment's required ones, and
-        each password again as DBT_ENV_SECRET_<name> so that dbt scrubs it from its logs."""
-        return {**{name: self.get(name) for name in REQUIRED_VARIABLES[self.env]}, **self.dbt_secret_env()}
-
-    def dbt_secret_env(self) -> dict[str, str]:
-        return {
-            f"DBT_ENV_SECRET_{name}": self.values[name]
-            for name in REQUIRED_VARIABLES[self.env]
-            if name.endswith("PASSWORD") and self.values.get(name)
-        }
-
-    def export_for_subprocesses(self) -> None:
-        """Make values read from .local/platform.env visible to dbt subprocesses.
-
-        Variables already in the process environment are left as they are.
-        """
-        for name in REQUIRED_VARIABLES[self.env]:
-            if name in self.values:
-                os.environ.setdefault(name, self.values[name])
-        # dbt replaces the value of every DBT_ENV_SECRET_* variable by ***** in its logs: the
-        # pg target's user mapping DDL carries the replica password (federation macro).
-        os.environ.update(self.dbt_secret_env())
-        # Dagster hands the event log a run's planned events, and an asset's materializations
-        # of a partition range (a daily backfill: 120 per asset), as one batch each only when
-        # this is set; dagster-postgres stores a batch of materializations in one statement,
-        # the local storage (instance_storage.py) any batch in one transaction per database.
-        os.environ.setdefault("DAGSTER_EVENT_BATCH_SIZE", str(EVENT_BATCH_SIZE))
-        # dagster-dbt's manifest preparer looks for `dbt` on PATH: a process started as
-        # .venv/bin/dagster (or pytest) without the venv activated must still find it.
-        bin_dir = str(Path(sys.executable).parent)
-        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
 
     def check(self) -> None:
         """Fail fast, naming every missing variable at once."""
@@ -177,16 +136,19 @@ class PlatformSettings:
         except ValueError:
             raise ConfigurationError(f"MAX_REPLICA_LAG_SECONDS={raw!r} is not a number") from None
 
-    @property
-    def dbt_warm_start(self) -> bool:
-        """Whether dbt commands fork from a warm dbt process (platform_assets/dbt_warm.py)."""
-        raw = self.optional("DBT_WARM_START", "1").strip().lower()
-        if raw not in ("0", "1", "true", "false", "yes", "no"):
-            raise ConfigurationError(f"DBT_WARM_START={raw!r}: use 1 (default) or 0")
-        return raw in ("1", "true", "yes")
+
+
+def env_file_path(environ: dict[str, str]) -> Path:
+    local_dir = Path(environ.get("LOCAL_DIR") or REPO_ROOT / ".local")
+    return Path(environ.get("PLATFORM_ENV_FILE") or local_dir / "platform.env")
 
 
 def load_settings(environ: dict[str, str] | None = None) -> PlatformSettings:
+    """The settings of `environ`, or of this process: then, for a local environment,
+    `.local/platform.env` is first loaded into the process environment (see the module
+    docstring); a given `environ` (tests, tools) is read without touching it."""
+    if environ is None and READS_LOCAL_ENV_FILE.get(os.environ.get("PLATFORM_ENV") or "local"):
+        load_dotenv(env_file_path(dict(os.environ)), override=False)
     environ = dict(os.environ if environ is None else environ)
     env = environ.get("PLATFORM_ENV") or "local"
     if env not in ENVIRONMENTS:
@@ -195,8 +157,6 @@ def load_settings(environ: dict[str, str] | None = None) -> PlatformSettings:
         )
     values: dict[str, str] = {}
     if READS_LOCAL_ENV_FILE[env]:
-        local_dir = Path(environ.get("LOCAL_DIR") or REPO_ROOT / ".local")
-        env_file = Path(environ.get("PLATFORM_ENV_FILE") or local_dir / "platform.env")
-        values.update(_env_file_values(env_file))
+        values.update(env_file_values(env_file_path(environ)))
     values.update({k: v for k, v in environ.items() if v != ""})
     return PlatformSettings(env=env, values=values)

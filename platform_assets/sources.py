@@ -16,20 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
-import psycopg
 from psycopg import sql
 
-from .preflight import CONNECT_TIMEOUT_SECONDS, PreflightError, describe, endpoint_of
+from .resources import LAG_QUERY, ReplicaResource
 
 FEDERATED_GROUP = "federated"
-
-LAG_QUERY = """
-select case when not pg_is_in_recovery() then 0
-            when pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() then 0
-            else coalesce(extract(epoch from now() - pg_last_xact_replay_timestamp()), 0)
-       end::float8 as lag_seconds,
-       pg_is_in_recovery() as in_recovery
-"""
 
 
 @dataclass(frozen=True)
@@ -82,28 +73,6 @@ def observe_query(tables: list[FederatedTable]) -> sql.Composed:
 
 def data_version(row_count: int, watermark: str | None) -> str:
     return hashlib.sha256(f"{row_count}|{watermark}".encode()).hexdigest()[:20]
-
-
-class ReplicaResource(dg.ConfigurableResource):
-    """Read-only connection to the replica (the federation role), for observation and checks."""
-
-    url: str
-
-    def connect(self) -> psycopg.Connection:
-        try:
-            endpoint = endpoint_of("REPLICA_URL", self.url)
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS)
-        except PreflightError as exc:
-            raise dg.Failure(str(exc)) from None
-        except psycopg.Error as exc:
-            # One message naming the setting, the user and host:port; never the password.
-            raise dg.Failure(describe(exc, endpoint), metadata={"replica": str(endpoint)}) from None
-        conn.read_only = True
-        return conn
-
-    def replay_lag_seconds(self) -> float:
-        with self.connect() as conn:
-            return float(conn.execute(LAG_QUERY).fetchone()[0])
 
 
 def build_federated_sources(

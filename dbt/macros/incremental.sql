@@ -1,29 +1,29 @@
 {#-
   The incremental contract of the facts (see models/marts/_marts.yml):
 
-  - window mode: vars `window_start` and `window_end` (ISO dates or timestamps, UTC, end
-    exclusive) given together: the run (re)processes exactly the rows whose event time is in
-    [window_start, window_end), in one statement, and touches nothing outside it. This is
-    what the orchestrator's daily partitions (and backfills of any length) use; it passes the
-    window in the environment instead (PLATFORM_WINDOW_START / PLATFORM_WINDOW_END, read
-    when no window var is given): dbt throws its whole parse state away whenever --vars
-    change, while a changed environment variable only re-parses the models that read it.
+  - window mode: dbt's event-time bounds `--event-time-start` and `--event-time-end` (or the
+    vars `window_start` and `window_end`; ISO dates or timestamps, UTC, end exclusive) given
+    together: the run (re)processes exactly the rows whose event time is in the window, in
+    one statement, and touches nothing outside it. The orchestrator's daily partitions (and
+    backfills of any length) pass the event-time bounds: dbt keeps its parse state across
+    them, where a change of --vars makes it parse the whole project again. The window is
+    read at run time only, never in a model's config, so a reused parse state stays right.
   - watermark mode: no window, incremental run: rows received since the last watermark,
     minus a small lookback (transactions commit out of order; re-reading the lookback is
     harmless because the strategy replaces rows by unique key).
   - full refresh (or first build without a window): everything.
 -#}
 
-{#- The window from the vars (or, without them, from PLATFORM_WINDOW_START/_END) as
+{#- The window from the vars (or, without them, from dbt's event-time bounds) as
     {'start': 'YYYY-MM-DD HH:MM:SS', 'end': ...}, or none. -#}
 {% macro event_window() %}
   {% set raw_start = var('window_start', none) %}
   {% set raw_end = var('window_end', none) %}
   {% set given_as = 'vars window_start and window_end' %}
   {% if raw_start is none and raw_end is none %}
-    {% set raw_start = env_var('PLATFORM_WINDOW_START', '') | trim or none %}
-    {% set raw_end = env_var('PLATFORM_WINDOW_END', '') | trim or none %}
-    {% set given_as = 'PLATFORM_WINDOW_START and PLATFORM_WINDOW_END' %}
+    {% set raw_start = invocation_args_dict.get('event_time_start') %}
+    {% set raw_end = invocation_args_dict.get('event_time_end') %}
+    {% set given_as = '--event-time-start and --event-time-end' %}
   {% endif %}
   {% if raw_start is none and raw_end is none %}
     {{ return(none) }}
@@ -117,11 +117,14 @@
 
 {#- Pre-hook of a windowed incremental run: empty the window first, so that the run
     replaces it exactly (rows deleted on the replica disappear too); nothing outside the
-    window is touched. `days`: the window widened to whole days (whole_days). Renders to
-    nothing without a window or on a first build. -#}
-{% macro delete_event_window(column, days=false) %}
+    window is touched. `days`: the window widened to whole days (whole_days). `all_otherwise`:
+    an incremental run without a window empties the whole table (it recomputes everything,
+    in the same transaction). Renders to nothing on a first build or a full refresh. -#}
+{% macro delete_event_window(column, days=false, all_otherwise=false) %}
   {% set window = whole_days(event_window()) if days else event_window() %}
   {% if window and is_incremental() %}
     delete from {{ this }} where {{ in_event_window(column, window) }}
+  {% elif all_otherwise and is_incremental() %}
+    delete from {{ this }}
   {% endif %}
 {% endmacro %}

@@ -25,7 +25,9 @@ from .dbt_cli import DbtResult, DbtRunner, dbt_env
 
 ENGINES = ("duckdb", "pg")
 TARGETS = {"duckdb": "local", "pg": "pg"}
-INCREMENTAL_MARTS = {"fct_lesson_events": "event_id", "fct_enrollments": "enrollment_id"}
+# incremental model -> the columns that order its rows (its key)
+INCREMENTAL_MARTS = {"fct_lesson_events": "event_id", "fct_enrollments": "enrollment_id",
+                     "fct_daily_learning_activity": "company_id, course_id, activity_date"}
 # Bookkeeping columns that say how a row was loaded, not what it is.
 LOAD_COLUMNS = {"loaded_by"}
 # Extra rounds of churn after build_3: (simulator seed, fraction of late events).
@@ -204,13 +206,13 @@ def _build_scenario(pg_env, tmp_path_factory) -> Scenario:
     before_window = {e: _fact_rows(scenario.warehouses[e]) for e in ENGINES}
     before_activity = {e: _activity_rows(scenario.warehouses[e]) for e in ENGINES}
     # The two ways of giving the window: on pg as --vars (a data engineer's backfill from the
-    # dbt CLI), on DuckDB in the environment (as the orchestrator's daily runs pass it).
+    # dbt CLI), on DuckDB as dbt's event-time bounds (as the orchestrator's daily runs pass it).
     # Both daily-partitioned facts, as a partition run of the daily set builds them.
     on_both("window", "run", "--select", "fct_lesson_events", "fct_daily_learning_activity",
             target_dir="target-window",
-            engine_args={"pg": ("--vars", json.dumps(scenario.window))},
-            engine_env={"duckdb": {"PLATFORM_WINDOW_START": scenario.window["window_start"],
-                                   "PLATFORM_WINDOW_END": scenario.window["window_end"]}})
+            engine_args={"pg": ("--vars", json.dumps(scenario.window)),
+                         "duckdb": ("--event-time-start", scenario.window["window_start"],
+                                    "--event-time-end", scenario.window["window_end"])})
     with pg_env.replica() as conn:
         in_window = replica_event_ids(conn, scenario.window["window_start"], scenario.window["window_end"])
     for engine in ENGINES:

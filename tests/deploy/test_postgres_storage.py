@@ -15,6 +15,7 @@ in that database, not in the application's.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ import dagster as dg
 import psycopg
 import pytest
 import yaml
-from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+from dagster import DagsterRunStatus, RunsFilter
 from psycopg import sql
 
 from platform_assets.assembly import Platform, build_platform
@@ -178,7 +179,7 @@ def test_prod_storage_block_stores_events(pg_env, tmp_path):
 
 
 def test_prod_storage_stores_a_partition_ranges_events_as_batches(pg_env, tmp_path, monkeypatch):
-    """With the platform's DAGSTER_EVENT_BATCH_SIZE a single-run backfill's planned events and
+    """With DAGSTER_EVENT_BATCH_SIZE as the image sets it, a single-run backfill's planned events and
     materializations reach dagster-postgres as batches (its store_event_batch): every
     partition stored, the asset's latest the range's last."""
     days = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_date="2026-02-01")
@@ -187,7 +188,10 @@ def test_prod_storage_stores_a_partition_ranges_events_as_batches(pg_env, tmp_pa
     def ranged(context) -> None:
         return None
 
-    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", "1000")
+    dockerfile = (Path(__file__).resolve().parents[2] / "deploy" / "Dockerfile").read_text()
+    batch_size = re.search(r"DAGSTER_EVENT_BATCH_SIZE=(\d+)", dockerfile)
+    assert batch_size, "deploy/Dockerfile sets DAGSTER_EVENT_BATCH_SIZE"
+    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", batch_size[1])
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(instance_yaml()))
     with own_database(pg_env, "dagster_storage_batches") as env, mock.patch.dict(os.environ, env):
         instance = dg.DagsterInstance.from_config(str(tmp_path))

@@ -23,22 +23,19 @@ from moto.server import ThreadedMotoServer
 from sqlglot import exp
 from sqlglot.tokens import TokenType
 
-from platform_assets.exports import (
-    COMPANIES,
+from platform_assets.export_writers import (
     DATA_AS_OF,
-    EXPORTS_JOB,
     REPORT_NAME,
     ExportTarget,
-    build_exports,
     company_id_of,
     company_prefix,
     duckdb_exporter,
-    partition_changes,
-    range_tags,
     relations_from_manifest,
     unload_statements,
 )
+from platform_assets.exports import COMPANIES, EXPORTS_JOB, build_exports, partition_changes, range_tags
 from platform_assets.exposures import Dashboard, dashboard_refreshes
+from platform_assets.resources import WarehouseResource
 from platform_assets.settings import (
     DEFAULT_EXPORT_URIS,
     ENVIRONMENTS,
@@ -218,9 +215,10 @@ def _platform_settings(tmp_path, warehouse_path, **extra):
 def test_partition_sensor_follows_the_companies_and_one_run_exports_them(tmp_path, warehouse):
     path, ids, expected = warehouse
     exports = build_exports(_platform_settings(tmp_path, path), MANIFEST, pool="warehouse")
-    defs = dg.Definitions(assets=[exports.asset], jobs=[exports.job], sensors=[exports.sensor])
+    resources = {"warehouse": WarehouseResource(env="local", duckdb_path=str(path))}
+    defs = dg.Definitions(assets=[exports.asset], jobs=[exports.job], sensors=[exports.sensor], resources=resources)
     with dg.DagsterInstance.ephemeral() as instance:
-        result = exports.sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+        result = exports.sensor(dg.build_sensor_context(instance=instance, definitions=defs, resources=resources))
         assert isinstance(result, dg.SensorResult)
         (add,) = result.dynamic_partitions_requests
         assert list(add.partition_keys) == [str(c) for c in ids]
@@ -239,15 +237,15 @@ def test_partition_sensor_follows_the_companies_and_one_run_exports_them(tmp_pat
         assert meta["rows_by_company"].value == {str(c): len(expected[c]) for c in ids}
         assert DATA_AS_OF in meta
 
-        assert isinstance(exports.sensor(dg.build_sensor_context(instance=instance, definitions=defs)),
-                          dg.SkipReason)
+        context = dg.build_sensor_context(instance=instance, definitions=defs, resources=resources)
+        assert isinstance(exports.sensor(context), dg.SkipReason)
 
         # one company leaves, one arrives
         con = duckdb.connect(str(path))
         con.execute("delete from marts.dim_companies where company_id = ?", [ids[0]])
         con.execute("insert into marts.dim_companies values (999999, '../../new')")
         con.close()
-        result = exports.sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+        result = exports.sensor(dg.build_sensor_context(instance=instance, definitions=defs, resources=resources))
         kinds = {type(r).__name__: list(r.partition_keys) for r in result.dynamic_partitions_requests}
         assert kinds == {"AddDynamicPartitionsRequest": ["999999"], "DeleteDynamicPartitionsRequest": [str(ids[0])]}
         (run,) = result.run_requests

@@ -3,11 +3,10 @@ small asset selections run in process on a real Dagster instance, and what they 
 
 from __future__ import annotations
 
-import os
-from unittest import mock
-
 import dagster as dg
 import duckdb
+
+from platform_assets.dbt_assets import INDIRECT_SELECTION_TAG
 
 # A single staging -> mart chain: two views over the replica and one table.
 SMALL_CHAIN = ("staging/stg_app__courses", "staging/stg_app__lessons", "marts/dim_courses")
@@ -25,8 +24,8 @@ def run_assets(put, names=SMALL_CHAIN) -> dg.ExecuteInProcessResult:
     the selected dimension is left out (as the demo's first build does).
     """
     job = put.defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection=keys(names))
-    with mock.patch.dict(os.environ, {"DBT_INDIRECT_SELECTION": "cautious"}):
-        return job.execute_in_process(instance=put.instance, raise_on_error=False, run_config=QUIET)
+    return job.execute_in_process(instance=put.instance, raise_on_error=False, run_config=QUIET,
+                                  tags={INDIRECT_SELECTION_TAG: "cautious"})
 
 
 def observe(put) -> dg.ExecuteInProcessResult:

@@ -13,6 +13,7 @@ import sys
 import time
 from unittest import mock
 
+import dagster as dg
 import psycopg
 import pytest
 
@@ -97,7 +98,13 @@ def test_local_bad_configuration_fails_fast_and_creates_nothing(pg_env, tmp_path
         for name, (changes, expected) in cases.items():
             message, elapsed = _preflight_message(changes, "local")
             line = f"  {name:<28} preflight failed in {elapsed:5.3f}s"
-            if name in THROUGH_DAGSTER:
+            if name == "missing REPLICA_URL":
+                # The resources take their values from EnvVar: Dagster refuses the run, naming it.
+                with mock.patch.dict(os.environ, _environ_with(changes), clear=True), pytest.raises(
+                        dg.DagsterInvalidConfigError, match='environment variable "REPLICA_URL" which is not set'):
+                    run_assets(put)
+                line += ", its run refused by Dagster"
+            elif name in THROUGH_DAGSTER:
                 run_message, run_elapsed = _run_failing(put, changes)
                 assert run_message == f"preflight: {message}"
                 line += f", its run in {run_elapsed:4.1f}s"

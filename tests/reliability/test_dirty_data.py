@@ -118,7 +118,7 @@ def test_dirty_source_data(pg_env, tmp_path):
 def _check_dirty_data(pg_env, put, injected: dict[str, int]) -> None:
     manifest = put.platform.manifest
     graph = put.defs.resolve_asset_graph()
-    specs = {s.key: s for a in (put.platform.dbt_models, put.platform.dbt_daily_facts, put.platform.dbt_snapshots)
+    specs = {s.key: s for a in (put.platform.dbt_models, put.platform.dbt_daily_facts)
              for s in a.check_specs}
 
     # -- the first build, in run_all's order, going on past failed runs ------------------------

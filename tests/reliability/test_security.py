@@ -15,7 +15,7 @@ import pytest
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict
 
-from platform_assets.federation import ensure_duckdb_postgres_extension
+from platform_assets.federation import POSTGRES_EXTENSION, ensure_duckdb_extension
 from platform_assets.settings import DBT_PROJECT_DIR
 
 from ..platform.conftest import platform_under_test
@@ -34,7 +34,7 @@ WRITES = [
 
 def _duckdb_with_federation_secret(pg_env) -> duckdb.DuckDBPyConnection:
     """What dbt's local target does: the role's password as a DuckDB secret (profiles.yml)."""
-    ensure_duckdb_postgres_extension()
+    ensure_duckdb_extension(POSTGRES_EXTENSION)
     v = pg_env.values
     con = duckdb.connect()
     con.execute("load postgres_scanner")

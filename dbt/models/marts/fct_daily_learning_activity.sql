@@ -4,18 +4,19 @@
   runs) of fct_lesson_events, which it reads.
     window     (a partition run, or vars window_start/window_end): the window's days, whole,
                are deleted (pre-hook, same transaction) and recomputed from
-               fct_lesson_events; nothing outside them is touched. Incremental, appended;
-               a changed column list fails the run (rebuild it without a window first).
-    otherwise  a table, rebuilt in full (a plain `dbt build`, a full refresh): every day,
-               including those a watermark run of fct_lesson_events added late events to.
+               fct_lesson_events; nothing outside them is touched. Appended; a changed
+               column list fails the run (rebuild it with --full-refresh).
+    otherwise  every day recomputed (a plain `dbt build`: the table emptied and refilled in
+               one transaction; a full refresh or first build: a new table), including those
+               a watermark run of fct_lesson_events added late events to.
+  The window is read at run time (macros/incremental.sql), so the config does not depend on it.
 -#}
-{%- set window = event_window() -%}
 {{ config(
-    materialized=('incremental' if window else 'table'),
+    materialized='incremental',
     incremental_strategy='append',
     on_schema_change='fail',
     tags=['daily_partitioned'],
-    pre_hook="{{ delete_event_window('activity_date', days=true) }}",
+    pre_hook="{{ delete_event_window('activity_date', days=true, all_otherwise=true) }}",
     **table_layout(dist='even', sort=['activity_date'])
 ) }}
 -- Learning activity per company, course and day, with sessions (a session that touches two

@@ -1,9 +1,10 @@
 {#-
   One row per lesson event, enriched. Incremental (delete+insert on event_id), three modes
   (macros/incremental.sql):
-    window     vars window_start/window_end: exactly the events with occurred_at in the
-               window, in one statement; the window's rows are deleted first (pre-hook,
-               same transaction) and nothing outside it is touched.
+    window     event-time bounds (or vars window_start/window_end): exactly the events with
+               occurred_at in the window, in one statement; the window's rows are deleted
+               first (pre-hook, same transaction), then rows by event_id (an event moved
+               into the window leaves its old day).
     watermark  incremental run without a window: events received (created_at) since the
                latest one loaded by a full or watermark run, minus the lookback. Rows loaded
                by window runs do not move the watermark: a backfill of old days that picks
@@ -28,7 +29,6 @@
     tags=['daily_partitioned'],
     unique_key='event_id',
     on_schema_change='fail',
-    incremental_predicates=([in_event_window('occurred_at', window)] if window else none),
     pre_hook="{{ delete_event_window('occurred_at') }}",
     **table_layout(
         dist='user_id',

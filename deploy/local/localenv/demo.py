@@ -22,17 +22,12 @@ from pathlib import Path
 
 import dagster as dg
 
+from platform_assets.dbt_assets import INDIRECT_SELECTION_TAG
+
 PARTITION_RANGE_START = "dagster/asset_partition_range_start"
 PARTITION_RANGE_END = "dagster/asset_partition_range_end"
 # The runs' event logs are in the instance (make ui); the console gets warnings and errors.
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-
-
-def _indirect_selection(mode: str):
-    """DBT_INDIRECT_SELECTION (read by dagster-dbt at each dbt invocation) for a block."""
-    from platform_assets.dbt_assets import dbt_process_environment
-
-    return dbt_process_environment({"DBT_INDIRECT_SELECTION": mode})
 
 
 class Runner:
@@ -79,8 +74,8 @@ class Runner:
         if partitions:
             self.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1], keys)
 
-    def subset(self, label: str, keys: set[dg.AssetKey]) -> None:
-        self.run(label, self.global_job.get_subset(asset_selection=keys))
+    def subset(self, label: str, keys: set[dg.AssetKey], tags: dict | None = None) -> None:
+        self.run(label, self.global_job.get_subset(asset_selection=keys), tags=tags)
 
     def exports(self, keys: list[str], label: str = "customer exports") -> None:
         """Export these companies (partition keys, in partition order) in one run."""
@@ -94,7 +89,8 @@ class Runner:
         """What the company_partitions sensor does: partitions = the warehouse's companies."""
         from platform_assets.exports import sync_partitions, warehouse_company_ids
 
-        wanted = warehouse_company_ids(self.platform.settings, self.platform.exports.relations)
+        with dg.build_resources({"warehouse": self.defs.resources["warehouse"]}) as resources:
+            wanted = warehouse_company_ids(resources.warehouse, self.platform.exports.relations)
         add, delete = sync_partitions(self.instance, wanted)
         self.progress(f"  company partitions: {len(wanted)} companies, {len(add)} added, {len(delete)} removed")
         return add, delete
@@ -132,8 +128,7 @@ def run_all(platform, instance: dg.DagsterInstance, progress=print) -> dict:
     # sets, and dbt's default (eager) indirect selection runs it as soon as one parent is
     # selected. Building the dimensions first, only tests whose parents are all selected may
     # run (cautious); the facts' tests then run with the facts, once the dimensions exist.
-    with _indirect_selection("cautious"):
-        r.subset("staging, dimensions, snapshots", before_daily)
+    r.subset("staging, dimensions, snapshots", before_daily, tags={INDIRECT_SELECTION_TAG: "cautious"})
     r.daily(f"daily facts {start}..{last}", start, last)
     r.subset("marts and views over the facts", after_daily)
     # The consumers: every company's export in one run, and the dashboards over the marts.

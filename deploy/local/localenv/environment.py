@@ -32,15 +32,9 @@ PASSWORD_KEYS = {
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
-    if not path.exists():
-        return values
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            values[key.strip()] = value.strip()
-    return values
+    from platform_assets.settings import env_file_values
+
+    return env_file_values(path)
 
 
 @dataclass
