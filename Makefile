@@ -7,6 +7,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# checkov (the IaC scanner of tests/deploy/test_checkov.py) pins boto3, packaging and networkx
+# far below constraints.txt, so it gets a venv of its own, from exact pins, off PATH.
+CKV_VENV  := .venv-checkov
+CKV_STAMP := $(CKV_VENV)/.installed-stamp
+# Offline: no update check against PyPI, no policy download from the vendor's platform.
+CKV_ENV   := CKV_SKIP_PACKAGE_UPDATE_CHECK=true BC_SKIP_MAPPING=TRUE
 # The venv's executables (dbt, dagster) are found without activating it.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 TARGET ?= local
@@ -17,7 +23,7 @@ export LOCAL_DIR
 # The local Dagster instance lives under .local/dagster (dagster.yaml is copied there).
 DAGSTER_HOME_DIR := $(LOCAL_DIR)/dagster
 
-.PHONY: help venv up down status simulate clean demo test dbt-build ui bench lint dagster-home
+.PHONY: help venv up down status simulate clean demo test dbt-build ui bench lint scan dagster-home
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -30,7 +36,14 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PY) -m platform_assets.federation
 	@touch $@
 
-venv: $(STAMP) ## create .venv and install the pinned project
+$(CKV_STAMP): requirements-checkov.txt
+	@test -x $(CKV_VENV)/bin/python || $(PYTHON) -m venv $(CKV_VENV)
+	@echo "installing the pinned checkov into $(CKV_VENV) ..."
+	@set -o pipefail; $(CKV_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-checkov.txt \
+		2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+	@touch $@
+
+venv: $(STAMP) $(CKV_STAMP) ## create .venv (and .venv-checkov) and install the pinned project
 
 up: $(STAMP) ## start primary + streaming replica under .local/, load demo data if empty
 	@$(PY) -m localenv up
@@ -60,7 +73,7 @@ demo: up dagster-home ## the main job on the embedded default (DuckDB): every as
 ui: up dagster-home ## the Dagster UI (lineage, runs, backfills) on http://127.0.0.1:3000
 	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-test: $(STAMP) ## the whole suite (starts its own primary + replica on free ports)
+test: $(STAMP) $(CKV_STAMP) ## the whole suite (starts its own primary + replica on free ports)
 	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(STAMP) ## EVENTS (8000000) events: Dagster vs plain dbt vs raw SQL vs PostgreSQL (docs/benchmarks.md)
@@ -68,3 +81,6 @@ bench: $(STAMP) ## EVENTS (8000000) events: Dagster vs plain dbt vs raw SQL vs P
 
 lint: $(STAMP) ## ruff
 	@$(VENV)/bin/ruff check platform_assets deploy/local tests bench
+
+scan: $(CKV_STAMP) ## checkov over deploy/ (CloudFormation, Dockerfile), offline; failed checks only
+	@$(CKV_ENV) $(CKV_VENV)/bin/checkov --config-file .checkov.yaml --quiet

@@ -278,6 +278,29 @@ def test_cmd_serves_the_code_location():
         assert flag in proc.stdout
 
 
+def test_healthcheck_probes_the_default_cmd_like_the_code_server_task():
+    """The image's HEALTHCHECK checks the gRPC server the default CMD starts, with a command
+    that exists here and takes that port; the code server's ECS task definition (the only
+    health check ECS acts on) runs the same command."""
+    (healthcheck,) = of("HEALTHCHECK")
+    options, _, command = healthcheck.partition(" CMD ")
+    argv = json.loads(command)  # exec form: no shell needed in the image
+    assert argv[:3] == ["dagster", "api", "grpc-health-check"]
+    (cmd,) = of("CMD")
+    served = json.loads(cmd)
+    assert argv[argv.index("-p") + 1] == served[served.index("-p") + 1] == "4000"
+    flags = dict(option.lstrip("-").split("=", 1) for option in options.split())
+    assert set(flags) == {"interval", "timeout", "start-period", "retries"}
+    proc = subprocess.run([str(BIN / argv[0]), *argv[1:3], "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--port" in proc.stdout
+
+    template, _ = decode_str((REPO_ROOT / "deploy" / "aws" / "platform.yaml").read_text())
+    (container,) = template["Resources"]["CodeServerTaskDefinition"]["Properties"]["ContainerDefinitions"]
+    assert list(container["HealthCheck"]["Command"]) == ["CMD", *argv]
+    assert "Command" not in container  # the code server runs the image's CMD
+
+
 def test_instance_and_workspace_in_dagster_home(monkeypatch: pytest.MonkeyPatch):
     from dagster._core.workspace.config_schema import process_workspace_config
 
