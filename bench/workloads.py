@@ -21,7 +21,7 @@ from typing import Any
 
 import dagster as dg
 from dagster_dbt import build_dbt_asset_selection
-from localenv.demo import Runner
+from localenv.demo import PARTITION_RANGE_END, PARTITION_RANGE_START, Runner
 from localenv.environment import WAREHOUSE_DB
 from localenv.simulator import simulate
 
@@ -137,22 +137,17 @@ def dbt_keys(platform: Platform, select: str | None = None) -> set[dg.AssetKey]:
 def full_refresh(platform: Platform, instance: dg.DagsterInstance, progress,
                  select: str | None = None) -> dict[str, Any]:
     """localenv.demo.run_all's runs, limited to the dbt assets (the selection plain dbt builds;
-    assets outside dbt are not part of the seed's flow): observe the sources; everything
-    not downstream of the daily facts; the facts over every partition in one run; the rest."""
+    assets outside dbt are not part of the seed's flow): observe the sources, then one run of
+    every dbt asset, the daily facts over every partition."""
     r = Runner(platform, instance, progress)
     keys = dbt_keys(platform, select)
-    after_daily = (dg.AssetSelection.assets(*r.daily_keys).downstream().resolve(r.graph) & keys) - r.daily_keys
-    before_daily = keys - after_daily - r.daily_keys
     r.observe()
     partitions = platform.dbt_daily_facts.partitions_def.get_partition_keys()
-    # As in run_all: tests whose parents are in two runs wait for the second one.
-    if before_daily:
-        r.subset("staging, dimensions, snapshots", before_daily, tags={INDIRECT_SELECTION_TAG: "cautious"})
+    # As in run_all: a test whose parents are in two of the run's steps runs with the second.
+    tags = {INDIRECT_SELECTION_TAG: "cautious"}
     if r.daily_keys & keys:
-        r.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1],
-                r.daily_keys & keys)
-    if after_daily:
-        r.subset("marts and views over the facts", after_daily)
+        tags.update({PARTITION_RANGE_START: partitions[0], PARTITION_RANGE_END: partitions[-1]})
+    r.subset("every dbt asset in one run", keys, tags=tags)
     return {"materialized": r.materialized & keys, "expected": keys}
 
 
@@ -170,9 +165,7 @@ def refresh(platform: Platform, instance: dg.DagsterInstance, cursor, progress, 
                      if x.true_subset.size > 0 and isinstance(x.key, dg.AssetKey)} & keys
         if not requested:
             break
-        if requested - r.daily_keys:
-            r.subset("requested models", requested - r.daily_keys)
-        r.requested_daily(result, requested)
+        r.requested(result, requested)
     return {"materialized": r.materialized, "cursor": cursor}
 
 

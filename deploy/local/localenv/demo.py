@@ -61,18 +61,17 @@ class Runner:
     def observe(self) -> None:
         self.run("observe federated sources", self.defs.resolve_job_def("observe_federated_sources"))
 
-    def daily(self, label: str, first: str, last: str, keys: set[dg.AssetKey] | None = None) -> None:
-        """One run of the daily facts (`keys` of them; all by default) over a partition range."""
-        self.run(label, self.global_job.get_subset(asset_selection=keys or self.daily_keys),
-                 tags={PARTITION_RANGE_START: first, PARTITION_RANGE_END: last})
-
-    def requested_daily(self, result, requested: set[dg.AssetKey]) -> None:
-        """The daily facts an automation evaluation requested, in one run over the range of
-        their requested partitions (they are one asset set: one run builds them together)."""
-        keys = requested & self.daily_keys
-        partitions = sorted({p for key in keys for p in result.get_requested_partitions(key) if p})
-        if partitions:
-            self.daily(f"daily facts {partitions[0]}..{partitions[-1]}", partitions[0], partitions[-1], keys)
+    def requested(self, result, requested: set[dg.AssetKey]) -> None:
+        """What an automation evaluation requested, in one run: the models, and the daily facts
+        over the range of their requested partitions (Dagster orders the steps)."""
+        daily = requested & self.daily_keys
+        partitions = sorted({p for key in daily for p in result.get_requested_partitions(key) if p})
+        keys = (requested - self.daily_keys - self.export_keys) | (daily if partitions else set())
+        if keys and partitions:
+            label = f"requested models, daily facts {partitions[0]}..{partitions[-1]}"
+            self.subset(label, keys, tags={PARTITION_RANGE_START: partitions[0], PARTITION_RANGE_END: partitions[-1]})
+        elif keys:
+            self.subset("requested models", keys)
 
     def subset(self, label: str, keys: set[dg.AssetKey], tags: dict | None = None) -> None:
         self.run(label, self.global_job.get_subset(asset_selection=keys), tags=tags)
@@ -113,24 +112,20 @@ def run_all(platform, instance: dg.DagsterInstance, progress=print) -> dict:
     """Materialize every asset once (platform: platform_assets.assembly.Platform)."""
     started = time.monotonic()
     r = Runner(platform, instance, progress)
-    # Everything not downstream of the daily facts goes first (the facts' relationship tests
-    # read the dimensions), then the facts, then what reads them.
-    # (materializable ones only: the dashboards below the facts are external assets)
-    after_daily = (dg.AssetSelection.assets(*r.daily_keys).downstream().resolve(r.graph) & r.all_keys) - r.daily_keys
-    before_daily = r.all_keys - after_daily - r.daily_keys - r.source_keys - r.export_keys
-    after_daily -= r.export_keys
+    models = r.all_keys - r.source_keys - r.export_keys
     r.observe()
     # Every partition from the first one (days without events are empty, and cost nothing:
     # the whole range is one statement), so no partition is left missing.
     partition_keys = platform.dbt_daily_facts.partitions_def.get_partition_keys()
     start, last = partition_keys[0], partition_keys[-1]
-    # First build: a relationship test from a fact to a dimension has parents in two asset
-    # sets, and dbt's default (eager) indirect selection runs it as soon as one parent is
-    # selected. Building the dimensions first, only tests whose parents are all selected may
-    # run (cautious); the facts' tests then run with the facts, once the dimensions exist.
-    r.subset("staging, dimensions, snapshots", before_daily, tags={INDIRECT_SELECTION_TAG: "cautious"})
-    r.daily(f"daily facts {start}..{last}", start, last)
-    r.subset("marts and views over the facts", after_daily)
+    # One run of every model: Dagster orders the steps, the unpartitioned set as two steps
+    # around the daily facts' (what does not read the facts, then what does). A relationship
+    # test from a fact to a dimension has parents in two steps, and dbt's default (eager)
+    # indirect selection would run it with the dimensions, before the fact exists: in the
+    # unpartitioned steps only tests whose parents are all selected run (cautious), the
+    # facts' tests run with the facts.
+    tags = {PARTITION_RANGE_START: start, PARTITION_RANGE_END: last, INDIRECT_SELECTION_TAG: "cautious"}
+    r.subset(f"every model; daily facts {start}..{last}", models, tags=tags)
     # The consumers: every company's export in one run, and the dashboards over the marts.
     r.sync_companies()
     r.exports(instance.get_dynamic_partitions(platform.exports.asset.partitions_def.name))
@@ -154,10 +149,7 @@ def refresh(platform, instance: dg.DagsterInstance, cursor, progress=print, max_
         if not requested:
             break
         progress(f"  automation requests: {', '.join(sorted(k.to_user_string() for k in requested))}")
-        others = requested - r.daily_keys - r.export_keys
-        if others:
-            r.subset("requested models", others)
-        r.requested_daily(result, requested)
+        r.requested(result, requested)
     # New companies get their export at once (the company_partitions sensor); a changed mart
     # reaches every export on the nightly schedule, which the demo does right away.
     added, _ = r.sync_companies()
