@@ -85,6 +85,9 @@ class FakeWarehouse:
         if text.startswith("select min(event_date), max(event_date), max(created_at) from"):
             # the reconciliation test's bounds
             return _text("min", "max", "max"), [(min(self.loaded_days), max(self.loaded_days), self.watermark)]
+        if m := re.match(r"select datediff\( day, cast\('([^']*)' as date\), cast\('([^']*)' as date\) \)$", text):
+            # dbt.date_spine's number of days (dim_date)
+            return _text("days"), [((date.fromisoformat(m.group(2)) - date.fromisoformat(m.group(1))).days,)]
         if text.endswith("where false limit 0"):
             # dbt asks for a query's column types: the snapshots' time columns are timestamps
             return [(n, _TIMESTAMP) for n in ("dbt_snapshot_time", "dbt_updated_at") if f" as {n}" in text], []
