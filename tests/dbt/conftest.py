@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import duckdb
 import psycopg
@@ -266,6 +267,7 @@ class Extras:
     docs_generate: DbtResult
     prod_parse: DbtResult
     prod_manifest: dict
+    prod_target_dir: Path
     seconds: float
 
 
@@ -300,7 +302,8 @@ def dbt_extras(dbt_scenario: Scenario, tmp_path_factory) -> Extras:
         docs = pool.submit(duck, "docs", "generate", check=False)
         parsed = pool.submit(prod, "parse", check=False)
         extras = Extras(
-            docs_generate=docs.result(), prod_parse=parsed.result(), prod_manifest={}, seconds=0.0,
+            docs_generate=docs.result(), prod_parse=parsed.result(), prod_manifest={},
+            prod_target_dir=prod.work_dir / "target", seconds=0.0,
         )
     if extras.prod_parse.ok:
         extras.prod_manifest = prod.manifest()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PROD_DUMMY_ENV, Scenario
+from .conftest import PROD_DUMMY_ENV, Extras, Scenario
 from .dbt_cli import PROJECT_DIR, dbt_env
 from .redshift_recorder import strip_comments
 
@@ -132,8 +133,12 @@ def _catalog(scenario: Scenario) -> dict:
 
 
 @pytest.fixture(scope="module")
-def recorded(dbt_scenario: Scenario, tmp_path_factory) -> Recorded:
+def recorded(dbt_scenario: Scenario, dbt_extras: Extras, tmp_path_factory) -> Recorded:
     work = tmp_path_factory.mktemp("redshift_recording")
+    # The same project, profile and settings as the prod parse of dbt_extras: dbt reuses that
+    # parse instead of parsing the project again.
+    (work / "target").mkdir()
+    shutil.copy(dbt_extras.prod_target_dir / "partial_parse.msgpack", work / "target")
     spec = {
         "database": PROD_DUMMY_ENV["REDSHIFT_DB"],
         "catalog": _catalog(dbt_scenario),
