@@ -148,18 +148,6 @@ class FakeCursor:
     def fetchmany(self, size: int) -> list[tuple]:
         return self._rows[:size]
 
-    def fetchone(self) -> tuple | None:
-        return self._rows[0] if self._rows else None
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> FakeCursor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
 
 class FakeHandle:
     """Stands for a redshift_connector.Connection; `connection` is dbt's (its name says which
@@ -167,7 +155,6 @@ class FakeHandle:
 
     def __init__(self, connection: Any, recording: Recording):
         self.connection, self.recording = connection, recording
-        self.autocommit = True
 
     def cursor(self) -> FakeCursor:
         return FakeCursor(self)
