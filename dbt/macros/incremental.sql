@@ -39,7 +39,10 @@
     {{ exceptions.raise_compiler_error(
         "window_start (" ~ start ~ ") must be before window_end (" ~ end ~ ")") }}
   {% endif %}
-  {% if flags.FULL_REFRESH %}
+  {#- A unit test states its mode itself (an is_incremental override and window vars): the
+      invocation's --full-refresh is not a refresh of it, so `dbt build --full-refresh`
+      still runs the window's unit test. -#}
+  {% if flags.FULL_REFRESH and model.resource_type != 'unit_test' %}
     {{ exceptions.raise_compiler_error(
         "a window (window_start/window_end) and --full-refresh contradict each other: a full"
         ~ " refresh rebuilds everything; run it without the window vars") }}

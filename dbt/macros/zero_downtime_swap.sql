@@ -24,7 +24,10 @@
   removed or changed type), it is left to the cascade and rebuilt by dbt later in the same
   run: the only case with a short gap, and only for that view.
 
-  Redshift needs none of this: its views over marts are late-binding (bind: false).
+  Redshift needs none of this: its views over marts are late-binding (bind: false). It
+  must not run it either (advisory locks, to_regclass and DO blocks do not exist there),
+  and dbt-redshift declares postgres as its parent adapter, so dispatch would reach this
+  postgres__ macro on Redshift: redshift__drop_relation below keeps dbt's own drop there.
   DuckDB has a single writer per file (see README, "Readers during a refresh").
 -#}
 {% macro postgres__drop_relation(relation) -%}
@@ -70,6 +73,13 @@
     {%- endcall %}
   {%- endif %}
 {% endmacro %}
+
+
+{#- dbt's own drop on Redshift (dbt-redshift 1.11 defines no redshift__drop_relation, so
+    without this one dispatch would pick postgres__drop_relation above). -#}
+{% macro redshift__drop_relation(relation) -%}
+  {{ return(dbt.default__drop_relation(relation)) }}
+{%- endmacro %}
 
 
 {#- schema and name of every view that reads `relation`, directly or through other views. -#}

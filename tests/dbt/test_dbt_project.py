@@ -17,7 +17,7 @@ from .conftest import CHURN_EVENTS, CHURN_ROUNDS, ENGINES, INCREMENTAL_MARTS, Sc
 
 
 def test_builds_pass_with_every_kind_of_test(dbt_scenario: Scenario):
-    for step in ("build_1", "build_2", "build_3"):
+    for step in ("build_1", "build_2", "build_3", "full_refresh"):
         for engine in ENGINES:
             result = dbt_scenario.steps[step][engine]
             statuses = result.statuses()
@@ -36,6 +36,40 @@ def test_builds_pass_with_every_kind_of_test(dbt_scenario: Scenario):
             unit_tests = [u for u in statuses if u.startswith("unit_test.")]
             # all five; build_3 has the four of the incremental facts
             assert len(unit_tests) == (4 if step == "build_3" else 5), unit_tests
+
+
+WINDOW_UNIT_TEST = "unit_test.reporting.fct_lesson_events.fct_lesson_events_window_takes_exactly_the_window"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_documented_full_refresh_rebuilds_both_daily_facts(dbt_scenario: Scenario, engine: str):
+    """`dbt build --full-refresh` (dbt/README.md) exits 0, runs every unit test (the window's
+    too: it states its own mode) and rebuilds both daily-partitioned facts, the incremental
+    one in full."""
+    result = dbt_scenario.steps["full_refresh"][engine]
+    assert result.args == ["build", "--full-refresh"]
+    assert result.returncode == 0, result.describe()
+    daily = {
+        uid for uid, node in dbt_scenario.pg_manifest["nodes"].items()
+        if node["resource_type"] == "model" and "daily_partitioned" in node["tags"]
+    }
+    assert daily == {"model.reporting.fct_lesson_events", "model.reporting.fct_daily_learning_activity"}
+    statuses = result.statuses()
+    assert {uid: statuses.get(uid) for uid in daily} == dict.fromkeys(daily, "success")
+    assert statuses[WINDOW_UNIT_TEST] == "pass"
+    assert dbt_scenario.full_refresh_loaded_by[engine] == {"full_refresh"}
+
+
+def test_a_window_with_full_refresh_is_still_refused(dbt_scenario: Scenario):
+    """Unit tests aside, a window and --full-refresh together still fail before anything is
+    built (macros/incremental.sql, event_window). The window step's target folder and
+    window, so dbt reuses its parse."""
+    window = dbt_scenario.window
+    result = dbt_scenario.runners["duckdb"](
+        "run", "--select", "fct_lesson_events", "--full-refresh", check=False, target_dir="target-window",
+        extra_env={"PLATFORM_WINDOW_START": window["window_start"], "PLATFORM_WINDOW_END": window["window_end"]})
+    assert not result.ok and "contradict each other" in result.output, result.describe()
+    assert result.statuses().get("model.reporting.fct_lesson_events") in (None, "error")
 
 
 # Source tests that DuckDB sends to the replica whole (macros/tests/on_replica.sql).
