@@ -66,8 +66,8 @@ def test_a_window_with_full_refresh_is_still_refused(dbt_scenario: Scenario):
     window, so dbt reuses its parse."""
     window = dbt_scenario.window
     result = dbt_scenario.runners["duckdb"](
-        "run", "--select", "fct_lesson_events", "--full-refresh", check=False, target_dir="target-window",
-        extra_env={"PLATFORM_WINDOW_START": window["window_start"], "PLATFORM_WINDOW_END": window["window_end"]})
+        "run", "--select", "fct_lesson_events", "--full-refresh", "--event-time-start", window["window_start"],
+        "--event-time-end", window["window_end"], check=False, target_dir="target-window")
     assert not result.ok and "contradict each other" in result.output, result.describe()
     assert result.statuses().get("model.reporting.fct_lesson_events") in (None, "error")
 
