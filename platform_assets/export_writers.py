@@ -21,15 +21,17 @@ REPORT_NAME = "training_report"
 DATA_AS_OF = "data_as_of"
 # The marts the report reads (dbt model names); their asset keys are marts/<name>.
 INPUT_MODELS = ("fct_enrollments", "dim_companies", "dim_courses")
-# A company id as a partition key: a positive integer, nothing else.
-_COMPANY_ID = re.compile(r"[1-9][0-9]{0,17}")
+# A company id as a partition key: a positive integer that fits the source's bigint, nothing else.
+_COMPANY_ID = re.compile(r"[1-9][0-9]{0,18}")
+MAX_COMPANY_ID = 2**63 - 1
 # DuckDB catalog name of the attached warehouse.
 WH = "wh"
 
 
 def company_id_of(partition_key: str) -> int:
     """The company id a partition key stands for; anything but a plain positive integer fails."""
-    if not isinstance(partition_key, str) or not _COMPANY_ID.fullmatch(partition_key):
+    if (not isinstance(partition_key, str) or not _COMPANY_ID.fullmatch(partition_key)
+            or int(partition_key) > MAX_COMPANY_ID):
         raise ValueError(f"not a company id partition key: {partition_key!r}")
     return int(partition_key)
 

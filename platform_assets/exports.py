@@ -127,14 +127,28 @@ def build_exports(settings: PlatformSettings, manifest: Mapping[str, Any], pool:
     )
     def company_training_report(context: dg.AssetExecutionContext,
                                 warehouse: WarehouseResource) -> dg.MaterializeResult:
-        ids = [company_id_of(k) for k in context.partition_keys]
         as_of, as_of_source = data_as_of(context.instance, input_keys)
         results: list[CompanyExport] = []
+        failed: dict[str, str] = {}
         with exporter_for(settings, warehouse, relations) as export:
-            for company_id in ids:
-                results.append(export(company_id, as_of))
+            # One company's failure never stops the others' exports.
+            for key in context.partition_keys:
+                try:
+                    results.append(export(company_id_of(key), as_of))
+                except Exception as exc:  # noqa: BLE001 - reported below, with the company
+                    failed[key] = f"{type(exc).__name__}: {exc}"
+                    context.log.error(f"export of company {key} failed: {failed[key]}")
         context.log.info(f"exported {len(results)} companies, {sum(r.rows for r in results)} rows, "
                          f"data as of {as_of.isoformat()}")
+        if failed:
+            for r in results:  # the companies written are materialized all the same
+                context.log_event(dg.AssetMaterialization(
+                    asset_key=EXPORT_KEY, partition=str(r.company_id),
+                    metadata={DATA_AS_OF: dg.MetadataValue.timestamp(as_of), "dagster/row_count": r.rows,
+                              "files": dg.MetadataValue.json(list(r.files))}))
+            raise dg.Failure(description=f"{len(failed)} of {len(context.partition_keys)} company exports failed "
+                             f"(the other {len(results)} were written): "
+                             + "; ".join(f"company {k}: {v}" for k, v in failed.items()))
         metadata: dict[str, Any] = {
             DATA_AS_OF: dg.MetadataValue.timestamp(as_of),
             "data_as_of_source": as_of_source,

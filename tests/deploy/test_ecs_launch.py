@@ -22,16 +22,14 @@ from typing import Any
 from unittest import mock
 
 import boto3
+import dagster as dg
 import pytest
 import yaml
 from dagster import TimeWindowPartitionsDefinition
 from dagster._core.remote_representation.external import RemoteJob, RemoteRepository
-from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
-from dagster._core.storage.tags import PARTITION_NAME_TAG
-from dagster._core.test_utils import instance_for_test
+from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.workspace.context import WorkspaceProcessContext, WorkspaceRequestContext
 from dagster._core.workspace.load_target import ModuleTarget
-from dagster._serdes import deserialize_value
 from moto import mock_aws
 
 from platform_assets.dbt_assets import SIZING
@@ -92,7 +90,7 @@ def aws() -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def instance(aws):
-    with instance_for_test(overrides={"run_launcher": prod_launcher_section()}) as instance:
+    with dg.instance_for_test(overrides={"run_launcher": prod_launcher_section()}) as instance:
         yield instance
 
 
@@ -135,7 +133,7 @@ def create_run_from_remote_job(
         job_name=job_name,
         run_id=None,
         run_config={},
-        status=DagsterRunStatus.NOT_STARTED,
+        status=dg.DagsterRunStatus.NOT_STARTED,
         tags={**remote_job.tags, **(extra_tags or {})},
         root_run_id=None,
         parent_run_id=None,
@@ -177,7 +175,7 @@ def assert_launched_as_sized(instance, aws, run: DagsterRun, task: dict[str, Any
     assert container["name"] == RUN_CONTAINER
     command = container["command"]
     assert command[:3] == ["dagster", "api", "execute_run"]
-    args = deserialize_value(command[3])
+    args = dg.deserialize_value(command[3])
     assert type(args).__name__ == "ExecuteRunArgs"
     assert args.run_id == run.run_id
     assert args.job_origin.job_name == run.job_name
@@ -207,7 +205,7 @@ def assert_launched_as_sized(instance, aws, run: DagsterRun, task: dict[str, Any
     stored = instance.get_run_by_id(run.run_id)
     assert stored.tags["ecs/task_arn"] == task["taskArn"]
     assert stored.tags["ecs/cluster"] == aws["cluster_arn"]
-    assert stored.status == DagsterRunStatus.STARTING
+    assert stored.status == dg.DagsterRunStatus.STARTING
 
 
 def test_launcher_is_the_prod_one_on_the_moto_task_definition(instance, aws):
@@ -240,11 +238,11 @@ def test_daily_facts_partition_run_launches_with_its_own_sizing(instance, aws, w
                    if isinstance(n.partitions_def, TimeWindowPartitionsDefinition)]
     assert daily_nodes and all(n.partitions_def.has_partition_key(partition) for n in daily_nodes)
     run = create_run_from_remote_job(
-        instance, workspace, repository, "daily_facts", extra_tags={PARTITION_NAME_TAG: partition}
+        instance, workspace, repository, "daily_facts", extra_tags={"dagster/partition": partition}
     )
     task = launched_task(instance, workspace, run)
     assert_launched_as_sized(instance, aws, run, task, SIZING["daily"])
     tags = {t["key"]: t["value"] for t in task["tags"]}
     allow_list = (prod_launcher_section()["config"].get("propagate_tags") or {}).get("allow_list", [])
-    if PARTITION_NAME_TAG in allow_list:
-        assert tags[PARTITION_NAME_TAG] == partition
+    if "dagster/partition" in allow_list:
+        assert tags["dagster/partition"] == partition

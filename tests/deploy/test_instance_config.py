@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import dagster as dg
 import pytest
 import yaml
 from dagster._config import process_config
-from dagster._core.errors import DagsterInvalidConfigError
 from dagster._core.instance.config import PoolGranularity, dagster_instance_config
-from dagster._core.test_utils import instance_for_test
 from dagster._serdes import class_from_code_pointer
 from moto import mock_aws
 
@@ -163,7 +162,7 @@ def test_run_limits_must_live_under_concurrency(raw_config, prod_env, tmp_path):
     moved = yaml.safe_load(yaml.safe_dump(raw_config))
     moved["run_coordinator"]["config"]["max_concurrent_runs"] = moved["concurrency"]["runs"].pop("max_concurrent_runs")
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(moved))
-    with pytest.raises(DagsterInvalidConfigError, match="max_concurrent_runs"):
+    with pytest.raises(dg.DagsterInvalidConfigError, match="max_concurrent_runs"):
         dagster_instance_config(str(tmp_path))
 
 
@@ -185,7 +184,7 @@ def test_builds_a_real_instance(raw_config, prod_env):
             Bucket=PROD_ENV["DAGSTER_COMPUTE_LOGS_BUCKET"],
             CreateBucketConfiguration={"LocationConstraint": REGION},
         )
-        with instance_for_test(overrides=overrides) as instance:
+        with dg.instance_for_test(overrides=overrides) as instance:
             launcher = instance.run_launcher
             assert isinstance(launcher, EcsRunLauncher)
             assert launcher.task_definition == registered["taskDefinitionArn"]

@@ -73,7 +73,7 @@ MANIFEST = {"nodes": {
 
 def _company_ids() -> list[int]:
     # Not contiguous, and some large: a key is an id, not a position.
-    return [7 * i + 3 for i in range(N_COMPANIES - 2)] + [10**12 + 1, 2**53]
+    return [7 * i + 3 for i in range(N_COMPANIES - 2)] + [10**12 + 1, 2**53, 2**63 - 1]  # the largest bigint
 
 
 def build_warehouse(path: Path, company_ids: list[int], seed: int = 1) -> dict[int, set[int]]:
@@ -118,7 +118,9 @@ def _read(con: duckdb.DuckDBPyConnection, path: str) -> list[tuple]:
     ).fetchall()
 
 
-def _check_company_files(files: dict[str, str], company_id: int, name: str, enrollments: set[int]) -> None:
+def _check_company_files(files: dict[str, str], company_id: int, name: str, enrollments: set[int],
+                         as_of: dt.datetime | None = AS_OF) -> None:
+    """The company's rows and only them; `as_of`: the data_as_of they carry (None: not checked)."""
     con = duckdb.connect()
     try:
         for path in files.values():
@@ -128,10 +130,11 @@ def _check_company_files(files: dict[str, str], company_id: int, name: str, enro
             # CSV has no NULL apart from the empty string: an empty name reads back as NULL.
             wanted = None if (name == "" and path.endswith(".csv")) else name
             assert {r[1] for r in rows} <= {wanted}, path
-            assert {r[3] for r in rows} <= {AS_OF.replace(tzinfo=None)}, path
+            assert as_of is None or {r[3] for r in rows} <= {as_of.replace(tzinfo=None)}, path
         kv = dict(con.execute("select key::varchar, value::varchar from parquet_kv_metadata(?)",
                               [files["parquet"]]).fetchall())
-        assert kv[DATA_AS_OF] == AS_OF.isoformat() and kv["company_id"] == str(company_id)
+        assert kv["company_id"] == str(company_id)
+        assert as_of is None or kv[DATA_AS_OF] == as_of.isoformat()
     finally:
         con.close()
 
@@ -192,10 +195,38 @@ def test_rerun_replaces_the_files_whole(tmp_path, warehouse):
 
 
 @pytest.mark.parametrize("key", ["../1", "1/../2", "0", "-1", "01", "1 or 1=1", "1;", "1\n", " 1", "١", "1e3",
-                                 "company_id=1", "", "99999999999999999999"])
+                                 "company_id=1", "", "99999999999999999999", str(2**63)])
 def test_only_plain_company_ids_are_partition_keys(key):
     with pytest.raises(ValueError):
         company_id_of(key)
+
+
+def test_one_companys_failure_never_blocks_the_others_exports(tmp_path, warehouse):
+    """A company whose export cannot be written (here its folder's name is taken by a file)
+    fails the run, named; every other company's files are written and its partition
+    materialized."""
+    path, ids, expected = warehouse
+    exports = build_exports(_platform_settings(tmp_path, path), MANIFEST, pool="warehouse")
+    resources = {"warehouse": WarehouseResource(env="local", duckdb_path=str(path))}
+    defs = dg.Definitions(assets=[exports.asset], jobs=[exports.job], resources=resources)
+    broken = ids[len(ids) // 2]
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / f"company_id={broken}").write_text("not a folder")
+    with dg.DagsterInstance.ephemeral() as instance:
+        keys = [str(c) for c in ids]
+        instance.add_dynamic_partitions(COMPANIES.name, keys)
+        result = defs.resolve_job_def(EXPORTS_JOB).execute_in_process(
+            instance=instance, tags=range_tags(keys), raise_on_error=False)
+        assert not result.success
+        (failure,) = [e.step_failure_data for e in result.all_events if e.is_step_failure]
+        assert f"1 of {len(ids)} company exports failed" in failure.user_failure_data.description
+        assert f"company {broken}:" in failure.user_failure_data.description
+        assert instance.get_materialized_partitions(exports.asset.key) == set(keys) - {str(broken)}
+    for cid in ids:
+        if cid != broken:
+            folder = tmp_path / "exports" / f"company_id={cid}"
+            _check_company_files({ext: str(folder / f"{REPORT_NAME}.{ext}") for ext in ("parquet", "csv")}, cid,
+                                 ADVERSARIAL_NAMES[ids.index(cid) % len(ADVERSARIAL_NAMES)], expected[cid], as_of=None)
 
 
 def test_paths_are_built_from_integers_only():

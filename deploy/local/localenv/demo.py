@@ -112,20 +112,23 @@ def run_all(platform, instance: dg.DagsterInstance, progress=print) -> dict:
     """Materialize every asset once (platform: platform_assets.assembly.Platform)."""
     started = time.monotonic()
     r = Runner(platform, instance, progress)
-    models = r.all_keys - r.source_keys - r.export_keys
+    after_daily = (dg.AssetSelection.assets(*r.daily_keys).downstream().resolve(r.graph) & r.all_keys) - r.daily_keys
+    before_daily = r.all_keys - after_daily - r.daily_keys - r.source_keys - r.export_keys
+    after_daily -= r.export_keys
     r.observe()
     # Every partition from the first one (days without events are empty, and cost nothing:
     # the whole range is one statement), so no partition is left missing.
     partition_keys = platform.dbt_daily_facts.partitions_def.get_partition_keys()
     start, last = partition_keys[0], partition_keys[-1]
-    # One run of every model: Dagster orders the steps, the unpartitioned set as two steps
-    # around the daily facts' (what does not read the facts, then what does). A relationship
-    # test from a fact to a dimension has parents in two steps, and dbt's default (eager)
-    # indirect selection would run it with the dimensions, before the fact exists: in the
-    # unpartitioned steps only tests whose parents are all selected run (cautious), the
-    # facts' tests run with the facts.
-    tags = {PARTITION_RANGE_START: start, PARTITION_RANGE_END: last, INDIRECT_SELECTION_TAG: "cautious"}
-    r.subset(f"every model; daily facts {start}..{last}", models, tags=tags)
+    # Two runs: what does not read the daily facts, then the facts and what reads them (Dagster
+    # orders the steps). Separate runs, so that a failed test among the dimensions does not stop
+    # the facts (a failed step stops the steps after it in its run). A relationship test from a
+    # fact to a dimension has parents in both runs, and dbt's default (eager) indirect selection
+    # would run it with the dimensions, before the fact exists: in the first run only tests
+    # whose parents are all selected run (cautious); the facts' tests run with the facts.
+    r.subset("staging, dimensions, snapshots", before_daily, tags={INDIRECT_SELECTION_TAG: "cautious"})
+    r.subset(f"daily facts {start}..{last} and what reads them", r.daily_keys | after_daily,
+             tags={PARTITION_RANGE_START: start, PARTITION_RANGE_END: last})
     # The consumers: every company's export in one run, and the dashboards over the marts.
     r.sync_companies()
     r.exports(instance.get_dynamic_partitions(platform.exports.asset.partitions_def.name))
