@@ -3,7 +3,9 @@
 One resolved environment feeds both the parsed manifest and the dbt resource, so the graph
 that is parsed is the graph that runs. Each environment parses into its own target folder
 (`target/<env>`), whose partial-parse state every dbt command of the environment starts
-from (dbt's `--partial-parse-file-path`): dbt's own partial parsing, nothing kept by hand.
+from (dbt's `--partial-parse-file-path`): dbt's own partial parsing, nothing kept by hand. dbt
+uses it only with the connection settings it was parsed with (in production the image parses
+with placeholders, so there each command parses the project itself).
 """
 
 from __future__ import annotations
@@ -50,12 +52,19 @@ def dbt_project_for(settings: PlatformSettings) -> DbtProject:
     return project
 
 
+def parse_state_path(project: DbtProject) -> Path:
+    """The partial-parse state the preparation's `dbt parse` saved."""
+    return Path(project.project_dir) / project.target_path / "partial_parse.msgpack"
+
+
 def manifest_is_stale(project: DbtProject) -> bool:
-    """No manifest, or a file or folder of the project changed after it was written (a
-    removed file changes its folder's modification time)."""
+    """No manifest or parse state, or a file or folder of the project changed after the
+    manifest was written (a removed file changes its folder's modification time)."""
     try:
         parsed = project.manifest_path.stat().st_mtime
     except FileNotFoundError:
+        return True
+    if not parse_state_path(project).exists():
         return True
     root = Path(project.project_dir)
     paths = [root / name for name in PROJECT_FILES]
@@ -72,14 +81,15 @@ def manifest_is_stale(project: DbtProject) -> bool:
 
 def dbt_resource(project: DbtProject) -> DbtCliResource:
     """dagster-dbt's resource for this project; every command starts from the preparation's
-    parse state, so an unchanged project is not parsed again by each command."""
-    state = Path(project.project_dir) / project.target_path / "partial_parse.msgpack"
+    parse state (if there is one), so an unchanged project is not parsed again by each command
+    run with the connection settings it was parsed with (dbt parses in full otherwise)."""
+    state = parse_state_path(project)
     return DbtCliResource(
         project_dir=project,
         profiles_dir=str(project.profiles_dir),
         target=project.target,
         dbt_executable=DBT_EXECUTABLE,
-        global_config_flags=["--partial-parse-file-path", str(state)],
+        global_config_flags=["--partial-parse-file-path", str(state)] if state.exists() else [],
     )
 
 

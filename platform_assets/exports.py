@@ -29,6 +29,7 @@ from .export_writers import (
     ident,
     relations_from_manifest,
 )
+from .preflight import redact
 from .resources import WarehouseResource
 from .settings import PlatformSettings
 
@@ -136,7 +137,8 @@ def build_exports(settings: PlatformSettings, manifest: Mapping[str, Any], pool:
                 try:
                     results.append(export(company_id_of(key), as_of))
                 except Exception as exc:  # noqa: BLE001 - reported below, with the company
-                    failed[key] = f"{type(exc).__name__}: {exc}"
+                    # DuckDB's postgres extension quotes the connection string, password included.
+                    failed[key] = redact(f"{type(exc).__name__}: {exc}")[:500]
                     context.log.error(f"export of company {key} failed: {failed[key]}")
         context.log.info(f"exported {len(results)} companies, {sum(r.rows for r in results)} rows, "
                          f"data as of {as_of.isoformat()}")
@@ -146,9 +148,12 @@ def build_exports(settings: PlatformSettings, manifest: Mapping[str, Any], pool:
                     asset_key=EXPORT_KEY, partition=str(r.company_id),
                     metadata={DATA_AS_OF: dg.MetadataValue.timestamp(as_of), "dagster/row_count": r.rows,
                               "files": dg.MetadataValue.json(list(r.files))}))
+            shown = list(failed.items())[:10]
+            more = len(failed) - len(shown)
             raise dg.Failure(description=f"{len(failed)} of {len(context.partition_keys)} company exports failed "
                              f"(the other {len(results)} were written): "
-                             + "; ".join(f"company {k}: {v}" for k, v in failed.items()))
+                             + "; ".join(f"company {k}: {v}" for k, v in shown)
+                             + (f"; and {more} more (see the run's log)" if more else ""))
         metadata: dict[str, Any] = {
             DATA_AS_OF: dg.MetadataValue.timestamp(as_of),
             "data_as_of_source": as_of_source,
@@ -180,7 +185,7 @@ def build_exports(settings: PlatformSettings, manifest: Mapping[str, Any], pool:
         try:
             wanted = warehouse_company_ids(warehouse, relations)
         except Exception as exc:  # the warehouse not built yet, or busy (a DuckDB file being written)
-            return dg.SkipReason(f"cannot read the companies from the warehouse: {type(exc).__name__}: {exc}")
+            return dg.SkipReason(redact(f"cannot read the companies from the warehouse: {type(exc).__name__}: {exc}"))
         add, delete = partition_changes(context.instance.get_dynamic_partitions(COMPANIES.name), wanted)
         if not add and not delete:
             return dg.SkipReason(f"{len(wanted)} companies, partitions in sync")

@@ -147,8 +147,14 @@ def load_settings(environ: dict[str, str] | None = None) -> PlatformSettings:
     """The settings of `environ`, or of this process: then, for a local environment,
     `.local/platform.env` is first loaded into the process environment (see the module
     docstring); a given `environ` (tests, tools) is read without touching it."""
-    if environ is None and READS_LOCAL_ENV_FILE.get(os.environ.get("PLATFORM_ENV") or "local"):
-        load_dotenv(env_file_path(dict(os.environ)), override=False)
+    if environ is None:
+        if READS_LOCAL_ENV_FILE.get(os.environ.get("PLATFORM_ENV") or "local"):
+            load_dotenv(env_file_path(dict(os.environ)), override=False)
+        # dbt prints ***** for the value of every DBT_ENV_SECRET_* variable (the pg target's
+        # user mapping DDL carries the replica password), whoever set the password.
+        for name in ("REPLICA_PASSWORD", "WAREHOUSE_PG_PASSWORD", "REDSHIFT_PASSWORD"):
+            if os.environ.get(name):
+                os.environ.setdefault(f"DBT_ENV_SECRET_{name}", os.environ[name])
     environ = dict(os.environ if environ is None else environ)
     env = environ.get("PLATFORM_ENV") or "local"
     if env not in ENVIRONMENTS:

@@ -44,8 +44,8 @@
       still runs the window's unit test. -#}
   {% if flags.FULL_REFRESH and model.resource_type != 'unit_test' %}
     {{ exceptions.raise_compiler_error(
-        "a window (window_start/window_end) and --full-refresh contradict each other: a full"
-        ~ " refresh rebuilds everything; run it without the window vars") }}
+        "a window (" ~ given_as ~ ") and --full-refresh contradict each other: a full"
+        ~ " refresh rebuilds everything; run it without the window") }}
   {% endif %}
   {{ return({'start': start.isoformat(' '), 'end': end.isoformat(' ')}) }}
 {% endmacro %}

@@ -113,12 +113,13 @@ def test_a_failure_names_the_sources_the_failing_models_read():
 
 def test_the_manifest_is_stale_after_any_project_file_changes(tmp_path):
     """The local environments parse again when a project file was added, edited or removed
-    after the manifest was written (a removed file shows in its folder's modification time)."""
+    after the manifest was written (a removed file shows in its folder's modification time),
+    or when the parse state the dbt commands start from is gone."""
     import time
 
     from dagster_dbt import DbtProject
 
-    from platform_assets.dbt_project import manifest_is_stale
+    from platform_assets.dbt_project import manifest_is_stale, parse_state_path
 
     (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
     (tmp_path / "models").mkdir()
@@ -129,12 +130,15 @@ def test_the_manifest_is_stale_after_any_project_file_changes(tmp_path):
     def parsed_now():
         project.manifest_path.parent.mkdir(parents=True, exist_ok=True)
         project.manifest_path.write_text("{}")
+        parse_state_path(project).write_bytes(b"state")
         later = time.time() + 5
         os.utime(project.manifest_path, (later, later))
         return later
 
     parsed_now()
     assert not manifest_is_stale(project)
+    parse_state_path(project).unlink()
+    assert manifest_is_stale(project)
     for change in (lambda: (tmp_path / "models" / "b.sql").write_text("select 2 as b"),
                    lambda: (tmp_path / "models" / "a.sql").write_text("select 3 as a"),
                    lambda: (tmp_path / "models" / "b.sql").unlink()):

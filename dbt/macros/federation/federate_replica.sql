@@ -101,7 +101,7 @@
     - the current role's user mapping (the read-only role's user and password). Its DDL
       necessarily carries the password; dbt scrubs the value of every DBT_ENV_SECRET_*
       variable from its logs, and the platform sets DBT_ENV_SECRET_REPLICA_PASSWORD for dbt
-      (settings.py; `make up` writes it to platform.env for the CLI), so the logged
+      (platform_assets/settings.py; `make up` writes it to platform.env for the CLI), so the logged
       statement shows ***** instead.
     - schema `federated`: exactly the replica schema's tables, as foreign tables. Which
       tables and columns the replica has is read through one helper foreign table over

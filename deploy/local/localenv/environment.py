@@ -77,8 +77,8 @@ class LocalEnvironment:
             "DUCKDB_PATH": str(self.settings.local_dir / "warehouse.duckdb"),
             "LOCAL_DIR": str(self.settings.local_dir),
             # dbt replaces these values by ***** in its logs (the pg target's user mapping DDL
-            # carries the replica password); the platform sets them itself too (settings.py),
-            # this is for dbt run from the shell (`make dbt-build`).
+            # carries the replica password); platform_assets/settings.py sets them from the
+            # passwords too, this is for dbt run from the shell (`make dbt-build`).
             "DBT_ENV_SECRET_REPLICA_PASSWORD": ro,
             "DBT_ENV_SECRET_WAREHOUSE_PG_PASSWORD": wh,
         }
