@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import dagster as dg
 from dagster_dbt import DbtProject
 
-from .automation import automation_sensors, late_events_schedule, observe_schedule, run_failure_alert
+from .automation import automation_sensors, observe_schedule, run_failure_alert
+from .changes import DailyFacts, changes_sensor, matches_replica_check
 from .checks import build_source_checks, replica_lag_check_keys
 from .dbt_assets import SIZING, WAREHOUSE_POOL, PlatformTranslator, build_dbt_assets
 from .dbt_project import dbt_project_for, dbt_resource
@@ -35,6 +36,7 @@ class Platform:
     federated_sources: dg.AssetsDefinition
     dbt_models: dg.AssetsDefinition
     dbt_daily_facts: dg.AssetsDefinition
+    daily_facts: DailyFacts
     dashboards: list[Dashboard]
     exports: Exports
 
@@ -51,6 +53,15 @@ def build_platform(settings: PlatformSettings) -> Platform:
         dbt_project, settings, lag_checks=dg.AssetSelection.checks(*lag_check_keys)
     )
     source_keys = [t.key for t in federated_tables]
+    daily_facts = DailyFacts(
+        replica_schema=settings.optional("REPLICA_SCHEMA", "app"),
+        fact=relation_of(manifest, "fct_lesson_events"),
+        daily=relation_of(manifest, "fct_daily_learning_activity"),
+        fact_key=next(k for k in dbt_daily_facts.keys if k.path[-1] == "fct_lesson_events"),
+        keys=frozenset(dbt_daily_facts.keys),
+        partitions_def=dbt_daily_facts.partitions_def,
+        max_gap_days=int(settings.optional("CHANGE_RANGE_MAX_GAP_DAYS", "7")),
+    )
     # The dashboards (dbt exposures) and the customer exports: what reads the marts.
     dashboards = dashboards_from_manifest(manifest, PlatformTranslator(engine=settings.engine))
     exports = build_exports(settings, manifest, pool=WAREHOUSE_POOL, run_tags=SIZING["exports"])
@@ -63,7 +74,8 @@ def build_platform(settings: PlatformSettings) -> Platform:
     )
     daily_facts_job = dg.define_asset_job(
         "daily_facts",
-        selection=dg.AssetSelection.assets(dbt_daily_facts),  # daily partitions: those of the assets
+        # daily partitions: those of the assets; with the reconciliation check of the fact
+        selection=dg.AssetSelection.assets(dbt_daily_facts),
         tags=SIZING["daily"],
         description="The daily-partitioned facts; backfills of any range run as one dbt invocation.",
     )
@@ -77,18 +89,18 @@ def build_platform(settings: PlatformSettings) -> Platform:
     defs = dg.Definitions(
         assets=[federated_sources, dbt_models, dbt_daily_facts, exports.asset,
                 *dashboard_specs(dashboards)],
-        asset_checks=build_source_checks(federated_tables, settings),
+        asset_checks=[*build_source_checks(federated_tables, settings), matches_replica_check(daily_facts)],
         jobs=[observe_job, daily_facts_job, dbt_job, exports.job],
         schedules=[
             observe_schedule(observe_job, settings.observe_cron),
-            late_events_schedule(daily_facts_job, dbt_daily_facts.partitions_def, SIZING["daily"]),
             exports.schedule,
         ],
         sensors=[
-            *automation_sensors({
-                "unpartitioned": (dbt_models, SIZING["unpartitioned"]),
-                "daily_facts": (dbt_daily_facts, SIZING["daily"]),
-            }),
+            *automation_sensors({"unpartitioned": (dbt_models, SIZING["unpartitioned"])}),
+            changes_sensor(daily_facts, daily_facts_job, SIZING["daily"], settings.max_replica_lag_seconds,
+                           settings.partitions_start,
+                           recent_days=int(settings.optional("CHANGE_RECENT_DAYS", "14")),
+                           full_scan_minutes=float(settings.optional("CHANGE_FULL_SCAN_MINUTES", "60"))),
             run_failure_alert,
             exports.sensor,
             dashboard_refresh_sensor(dashboards),
@@ -104,5 +116,11 @@ def build_platform(settings: PlatformSettings) -> Platform:
     return Platform(
         defs=defs, settings=settings, project=dbt_project, manifest=manifest, federated_tables=federated_tables,
         federated_sources=federated_sources, dbt_models=dbt_models,
-        dbt_daily_facts=dbt_daily_facts, dashboards=dashboards, exports=exports,
+        dbt_daily_facts=dbt_daily_facts, daily_facts=daily_facts, dashboards=dashboards, exports=exports,
     )
+
+
+def relation_of(manifest: dict, model: str) -> tuple[str, str]:
+    """(schema, name) of a dbt model in the warehouse."""
+    node = next(n for n in manifest["nodes"].values() if n["resource_type"] == "model" and n["name"] == model)
+    return node["schema"], node.get("alias") or node["name"]

@@ -12,10 +12,13 @@ freshness, the observation cadence of the federated sources, and the failure ale
   check of a federated source it reads (through the views) failed, the condition's labelled
   part "replica lag within MAX_REPLICA_LAG_SECONDS" is false and the refresh is held; the
   upstream change is remembered (since last handled), so it runs once the lag recovers.
-- The daily-partitioned fact follows the same rule for its latest partition; late events
-  (received days after they happened) land in older partitions, which a nightly schedule
-  re-processes as one run over the trailing week (cheap: one statement over a week of
-  events), rather than asking automation to track hundreds of partitions.
+- A change is pending until the asset is *materialized* again, not merely requested: a
+  run that fails leaves it pending (retried when an input changes again or the freshness
+  policy fails, not every tick), and the sources' data versions change with any row
+  change (sources.py), so an edit without an `updated_at` bump is a change too.
+- The daily-partitioned facts have no condition here: the `daily_facts_changes` sensor
+  (changes.py) requests exactly the days whose contents differ from the replica's, late
+  ones of any age included.
 """
 
 
@@ -47,14 +50,24 @@ def replica_lag_guard(lag_checks: dg.AssetSelection) -> dg.AutomationCondition:
 
 
 def _upstream_data_changed() -> dg.AutomationCondition:
+    """Like `eager()`, but a change stays pending until the asset is materialized (eager
+    forgets it once a run is requested, even if that run fails), and a failed asset waits
+    for its inputs to change again instead of being retried every tick."""
     missing_or_code_changed = (
         dg.AutomationCondition.newly_missing() | dg.AutomationCondition.code_version_changed()
     ).with_label("missing_or_code_changed")
+    pending = (missing_or_code_changed | dg.AutomationCondition.any_deps_updated()).since(
+        (dg.AutomationCondition.newly_updated() | dg.AutomationCondition.initial_evaluation())
+        .with_label("materialized")
+    ).with_label("changed since last materialized")
     return (
-        dg.AutomationCondition.eager()
-        .replace("newly_missing", missing_or_code_changed)
-        .resolve_through_virtual()
-    )
+        pending
+        & ~dg.AutomationCondition.any_deps_missing()
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & ~dg.AutomationCondition.in_progress()
+        & (~dg.AutomationCondition.execution_failed() | dg.AutomationCondition.any_deps_updated())
+        .with_label("not failed, or inputs changed since")
+    ).resolve_through_virtual()
 
 
 def _view_condition() -> dg.AutomationCondition:
@@ -130,38 +143,6 @@ def observe_schedule(job, cron: str) -> dg.ScheduleDefinition:
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description="Observes the replica's tables (one query, no dbt); new data versions drive automation.",
     )
-
-
-def late_events_schedule(job, partitions_def: dg.PartitionsDefinition, run_tags: Mapping[str, str],
-                         days: int = 7) -> dg.ScheduleDefinition:
-    """A nightly run of the trailing `days` days and today, as one partition range (`job`
-    is the daily facts' asset job; its partitions are those of the assets it selects)."""
-    @dg.schedule(
-        name="late_events_sweep",
-        job=job,
-        cron_schedule="30 2 * * *",
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=f"Re-processes the trailing {days} days of the daily facts in one run (late events).",
-    )
-    def _sweep(context: dg.ScheduleEvaluationContext):
-        keys = partitions_def.get_partition_keys(
-            current_time=context.scheduled_execution_time, dynamic_partitions_store=None
-        )
-        window = keys[-(days + 1):]
-        if not window:
-            return dg.SkipReason(f"no daily partition has started by {context.scheduled_execution_time} "
-                                 f"(FACT_PARTITIONS_START)")
-        return dg.RunRequest(
-            run_key=f"late-events-{window[-1]}",
-            tags={
-                **run_tags,
-                "dagster/asset_partition_range_start": window[0],
-                "dagster/asset_partition_range_end": window[-1],
-                "platform/reason": "late events sweep",
-            },
-        )
-
-    return _sweep
 
 
 def _post_webhook(url: str, payload: dict[str, Any], log) -> None:

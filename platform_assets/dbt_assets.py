@@ -29,8 +29,15 @@ from .settings import PlatformSettings
 
 DAILY_SELECT = "tag:daily_partitioned"
 WAREHOUSE_POOL = "warehouse"
-# A run tag the demo's first build sets: dbt's indirect selection for its test selection.
+# A run tag: dbt's indirect selection for the unpartitioned set's tests (default cautious).
 INDIRECT_SELECTION_TAG = "platform/dbt_indirect_selection"
+# The unpartitioned set runs only the tests whose parents it all builds: a relationship test
+# from a daily fact to a dimension runs with the fact (dbt's eager default would run it with
+# the dimension, before the fact's days have caught up with a delete, and fail the run).
+UNPARTITIONED_INDIRECT_SELECTION = "cautious"
+# A run tag: "true" rebuilds the selected models in full (`dbt build --full-refresh`); on the
+# daily facts the partition window is then not passed (a full refresh rebuilds every day).
+FULL_REFRESH_TAG = "platform/full_refresh"
 
 # Default freshness of a mart when its dbt meta does not say (hours).
 DEFAULT_FRESHNESS = {"warn_after_hours": 12, "fail_after_hours": 24}
@@ -55,7 +62,7 @@ def layer_of(props: Mapping[str, Any]) -> str:
 
 
 def build_args(command: str, window: tuple[datetime, datetime] | None = None,
-               indirect_selection: str | None = None) -> list[str]:
+               indirect_selection: str | None = None, full_refresh: bool = False) -> list[str]:
     """The dbt command line for a set (selection is added by dagster-dbt from the context).
 
     dbt unit tests check code, not data: they run in CI (tests/dbt), not on every refresh.
@@ -68,14 +75,23 @@ def build_args(command: str, window: tuple[datetime, datetime] | None = None,
                  "--event-time-end", window[1].strftime("%Y-%m-%dT%H:%M:%S")]
     if indirect_selection:
         args += ["--indirect-selection", indirect_selection]
+    if full_refresh:
+        args += ["--full-refresh"]
     return args
+
+
+def full_refresh_requested(context: dg.AssetExecutionContext) -> bool:
+    value = context.run.tags.get(FULL_REFRESH_TAG)
+    if value not in (None, "true", "false"):
+        raise dg.Failure(f"run tag {FULL_REFRESH_TAG}={value!r}: use true or false")
+    return value == "true"
 
 
 class PlatformTranslator(DagsterDbtTranslator):
     """Keys, groups, owners, kinds, automation and freshness, from dbt yml `meta`."""
 
     def __init__(self, engine: str, source_tests_as_checks: bool = True,
-                 lag_checks: dg.AssetSelection | None = None):
+                 lag_checks: dg.AssetSelection | None = None, automated: bool = True):
         super().__init__(
             settings=DagsterDbtTranslatorSettings(
                 enable_asset_checks=True,
@@ -88,6 +104,8 @@ class PlatformTranslator(DagsterDbtTranslator):
         self.engine = engine
         # the replica_lag checks of the federated sources: automation holds refreshes on them
         self.lag_checks = lag_checks
+        # False for the daily facts: the daily_facts_changes sensor decides (changes.py)
+        self.automated = automated
 
     def get_asset_key(self, props: Mapping[str, Any]) -> dg.AssetKey:
         if props["resource_type"] == "source":
@@ -111,7 +129,7 @@ class PlatformTranslator(DagsterDbtTranslator):
         return tags
 
     def get_automation_condition(self, props: Mapping[str, Any]) -> dg.AutomationCondition | None:
-        if props["resource_type"] == "source":
+        if props["resource_type"] == "source" or not self.automated:
             return None
         return automation_for(props, self.lag_checks)
 
@@ -269,15 +287,19 @@ def build_dbt_assets(project: DbtProject, settings: PlatformSettings,
                      lag_checks: dg.AssetSelection | None = None) -> list[dg.AssetsDefinition]:
     manifest = attach_source_tests(json.loads(project.manifest_path.read_text()))
     translator = PlatformTranslator(engine=settings.engine, lag_checks=lag_checks)
-    # The daily set's translator leaves the source tests to the unpartitioned set.
-    secondary = PlatformTranslator(engine=settings.engine, source_tests_as_checks=False, lag_checks=lag_checks)
+    # The daily set's translator leaves the source tests to the unpartitioned set, and the
+    # choice of days to the daily_facts_changes sensor (changes.py).
+    secondary = PlatformTranslator(engine=settings.engine, source_tests_as_checks=False, lag_checks=lag_checks,
+                                   automated=False)
     daily = dg.DailyPartitionsDefinition(start_date=settings.partitions_start, end_offset=1)
 
     @dbt_assets(manifest=manifest, project=project, name="dbt_models", exclude=DAILY_SELECT,
                 dagster_dbt_translator=translator, pool=WAREHOUSE_POOL, op_tags=SIZING["unpartitioned"])
     def dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource, replica: ReplicaResource,
                    warehouse: WarehouseResource):
-        args = build_args("build", indirect_selection=context.run.tags.get(INDIRECT_SELECTION_TAG))
+        args = build_args("build", indirect_selection=context.run.tags.get(INDIRECT_SELECTION_TAG,
+                                                                          UNPARTITIONED_INDIRECT_SELECTION),
+                          full_refresh=full_refresh_requested(context))
         yield from _dbt(context, dbt, project, args, replica, warehouse)
 
     @dbt_assets(manifest=manifest, project=project, name="dbt_daily_facts", select=DAILY_SELECT,
@@ -286,10 +308,14 @@ def build_dbt_assets(project: DbtProject, settings: PlatformSettings,
     def dbt_daily_facts(context: dg.AssetExecutionContext, dbt: DbtCliResource, replica: ReplicaResource,
                         warehouse: WarehouseResource):
         window = None
+        full_refresh = full_refresh_requested(context)
         # A run of the checks alone (no asset selected) has no partition: tests only.
-        if context.has_partition_key_range:
+        if full_refresh:
+            context.log.info("full refresh (run tag): every day rebuilt, whatever the partitions of the run")
+        elif context.has_partition_key_range:
             window = (context.partition_time_window.start, context.partition_time_window.end)
             context.log.info(f"dbt window [{window[0]}, {window[1]}) for {context.partition_key_range}")
-        yield from _dbt(context, dbt, project, build_args("build", window), replica, warehouse)
+        yield from _dbt(context, dbt, project, build_args("build", window, indirect_selection=None,
+                                                           full_refresh=full_refresh), replica, warehouse)
 
     return [dbt_models, dbt_daily_facts]

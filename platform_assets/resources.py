@@ -51,6 +51,10 @@ def _values(resource: dg.ConfigurableResource, variables: Mapping[str, str]) -> 
             if getattr(resource, field) not in (None, "")}
 
 
+class WarehouseBusy(RuntimeError):
+    """The DuckDB warehouse file is held by a writer (a run) at the moment."""
+
+
 class ReplicaResource(dg.ConfigurableResource):
     """Read-only connection to the replica (the federation role), for observation and checks."""
 
@@ -110,6 +114,32 @@ class WarehouseResource(dg.ConfigurableResource):
                 ("host", "host"), ("port", "port"), ("dbname", "database"), ("user", "user"), ("password", "password")))
             return ["LOAD postgres_scanner", f"ATTACH {sql_literal(dsn)} AS {catalog} (TYPE postgres, READ_ONLY)"]
         raise PreflightError(f"no DuckDB route to the {self.engine} warehouse (exports use UNLOAD there)")
+
+    def fetch(self, query: str) -> list[tuple]:
+        """The rows of one read-only query, in the warehouse's own SQL. A DuckDB file held by a
+        writer raises WarehouseBusy (the caller tries again later; the writer is never blocked)."""
+        if self.engine == "duckdb":
+            import duckdb
+
+            try:
+                con = duckdb.connect(self.duckdb_path, read_only=True)
+            except duckdb.IOException as exc:
+                raise WarehouseBusy(f"the warehouse file {self.duckdb_path} is in use by a writer: {exc}") from None
+            try:
+                return con.execute(query).fetchall()
+            finally:
+                con.close()
+        if self.engine == "postgres":
+            try:
+                with psycopg.connect(host=self.host, port=int(self.port), dbname=self.database, user=self.user,
+                                     password=self.password, connect_timeout=CONNECT_TIMEOUT_SECONDS) as conn:
+                    conn.read_only = True
+                    return conn.execute(query).fetchall()
+            except psycopg.OperationalError as exc:
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise dg.Failure(f"WAREHOUSE_PG_HOST/WAREHOUSE_PG_PORT: cannot read the warehouse at "
+                                 f"{self.host}:{self.port} as {self.user}: {first_line}") from None
+        return list(self.redshift().get_client().execute_query(query, fetch_results=True) or [])
 
     def redshift(self) -> RedshiftClientResource:
         return RedshiftClientResource(host=self.host, port=int(self.port), user=self.user, password=self.password,

@@ -1,10 +1,15 @@
 """Federated source tables as observable assets, derived from the dbt manifest.
 
 Each dbt source table is one asset (key from its `meta.dagster.asset_key`). Observing
-asks the replica one question for all selected tables: row count and the latest
-watermark (the source's `loaded_at_field`, else `updated_at` when the table has one). The
-data version is a hash of those, so it changes exactly when a table gained, lost or
-changed rows, and only the assets downstream of a changed table go stale. The replica's
+asks the replica one question for all selected tables: row count, a hash of the contents
+(the sum of the first 60 bits of each row's md5, order-independent) and the latest
+watermark (the source's `loaded_at_field`, else `updated_at`; shown, not trusted). The data
+version is a hash of count and contents, so it changes with any row inserted, deleted or
+edited (with or without an `updated_at` bump), and only the assets downstream of a changed
+table go stale; an unchanged table keeps its version, so nothing downstream looks
+unsynced. An event-grain table read only by the daily facts (source meta
+`platform.change_detection: per_day`) is observed by count and watermark: what the facts
+rebuild is decided per day by changes.py, which sees its edits and deletes. The replica's
 replay lag is recorded with every observation, with whether it exceeds
 MAX_REPLICA_LAG_SECONDS (then the automation holds the marts; see automation.py).
 """
@@ -30,6 +35,9 @@ class FederatedTable:
     table: str
     watermark: str | None
     description: str
+    # False for an event-grain table whose readers compare it per day (fingerprints.py): its
+    # observation is count and watermark, not a hash of every row (27 s of 31 at 8M events)
+    content_hash: bool = True
 
 
 def federated_tables(manifest: Mapping[str, Any], replica_schema: str) -> list[FederatedTable]:
@@ -47,13 +55,18 @@ def federated_tables(manifest: Mapping[str, Any], replica_schema: str) -> list[F
                 table=source.get("identifier") or source["name"],
                 watermark=watermark,
                 description=source.get("description") or f"Replica table {source['name']}",
+                content_hash=((source.get("meta") or {}).get("platform") or {}).get("change_detection") != "per_day",
             )
         )
     return tables
 
 
+ROW_HASH = "cast(('x' || substring(md5(r::text), 1, 15))::bit(60)::bigint as numeric)"
+
+
 def observe_query(tables: list[FederatedTable]) -> sql.Composed:
-    """One statement: (table, row count, latest watermark as text, replay lag) per table."""
+    """One statement: (table, row count, latest watermark as text, contents hash as text,
+    replay lag) per table."""
     parts = []
     for t in tables:
         wm = (
@@ -62,17 +75,19 @@ def observe_query(tables: list[FederatedTable]) -> sql.Composed:
             else sql.SQL("null::text")
         )
         parts.append(
-            sql.SQL("select {name} as t, count(*) as n, {wm} as wm from {rel}").format(
-                name=sql.Literal(t.table), wm=wm, rel=sql.Identifier(t.schema, t.table)
+            sql.SQL("select {name} as t, count(*) as n, {wm} as wm, {h} as h from {rel} r").format(
+                name=sql.Literal(t.table), wm=wm, rel=sql.Identifier(t.schema, t.table),
+                h=sql.SQL(f"coalesce(sum({ROW_HASH}), 0)::text" if t.content_hash else "'per_day'"),
             )
         )
-    return sql.SQL("with lag as ({lag}) select x.t, x.n, x.wm, lag.lag_seconds from ({u}) x cross join lag").format(
+    return sql.SQL("with lag as ({lag}) select x.t, x.n, x.wm, x.h, lag.lag_seconds"
+                   " from ({u}) x cross join lag").format(
         lag=sql.SQL(LAG_QUERY), u=sql.SQL(" union all ").join(parts)
     )
 
 
-def data_version(row_count: int, watermark: str | None) -> str:
-    return hashlib.sha256(f"{row_count}|{watermark}".encode()).hexdigest()[:20]
+def data_version(row_count: int, contents: str) -> str:
+    return hashlib.sha256(f"{row_count}|{contents}".encode()).hexdigest()[:20]
 
 
 def build_federated_sources(
@@ -103,7 +118,7 @@ def build_federated_sources(
         selected = [by_key[k] for k in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string())]
         with replica.connect() as conn:
             rows = {r[0]: r[1:] for r in conn.execute(observe_query(selected)).fetchall()}
-        lag = float(next(iter(rows.values()))[2]) if rows else 0.0
+        lag = float(next(iter(rows.values()))[3]) if rows else 0.0
         lagging = max_lag_seconds is not None and lag > max_lag_seconds
         if lagging:
             context.log.warning(
@@ -112,7 +127,7 @@ def build_federated_sources(
                 "the tables downstream until the lag recovers"
             )
         for t in selected:
-            count, watermark, _lag = rows[t.table]
+            count, watermark, contents, _lag = rows[t.table]
             metadata = {
                 "dagster/row_count": dg.MetadataValue.int(int(count)),
                 "latest_watermark": dg.MetadataValue.text(watermark or "n/a"),
@@ -123,7 +138,7 @@ def build_federated_sources(
                 metadata["replica_lag_exceeded"] = dg.MetadataValue.bool(lagging)
             yield dg.ObserveResult(
                 asset_key=t.key,
-                data_version=dg.DataVersion(data_version(count, watermark)),
+                data_version=dg.DataVersion(data_version(count, contents if t.content_hash else watermark)),
                 metadata=metadata,
             )
 

@@ -25,6 +25,8 @@ def test_benchmark_writes_results_table_chart_and_doc(pg_env, tmp_path, monkeypa
     monkeypatch.setenv("FACT_PARTITIONS_START", (date.today() - timedelta(days=TEST_DAYS + 5)).isoformat())
     with pg_env.primary() as conn:
         events_before = conn.execute("select count(*) from app.lesson_events").fetchone()[0]
+        checksum_before = conn.execute("select md5(string_agg(e::text, ',' order by event_id))"
+                                       " from app.lesson_events e").fetchone()[0]
     # Every stage's code path on a slice of the graph (the daily fact and what it reads), so
     # the test stays cheap: a full build through Dagster is what tests/platform already does.
     config = BenchConfig(work_dir=tmp_path / "work", repetitions=1, stages=("a", "b", "c", "d"),
@@ -57,8 +59,15 @@ def test_benchmark_writes_results_table_chart_and_doc(pg_env, tmp_path, monkeypa
     # (d) refreshed what the change batch touched, and the batch left the source again.
     assert d["per_repetition"][0]["change_batch"]["lesson_events_inserted"] == d["new_events_per_batch"] > 0
     assert d["per_repetition"][0]["materialized"]
+    batch = d["per_repetition"][0]["change_batch"]
+    assert batch["lesson_events_late"] > 0 and batch["lesson_events_edited"] > 0 and batch["lesson_events_deleted"] > 0
+    # correct: after the refresh no day of the facts differs from the replica
+    assert d["days_differing_after"] == [0]
     with pg_env.primary() as conn:
         assert conn.execute("select count(*) from app.lesson_events").fetchone()[0] == events_before
+        # the batch's edits and deletes were put back too
+        assert conn.execute("select md5(string_agg(e::text, ',' order by event_id))"
+                            " from app.lesson_events e").fetchone()[0] == checksum_before
     assert set(written["ratios"]) == {"a/b", "a/c", "d/a"}
     assert {"a/b", "a/c", "d/a", "full refresh wall (s)", "peak RSS (GiB)"} == set(written["targets"])
     assert written["machine"]["cpu_count"] and written["machine"]["memory_bytes"]

@@ -82,9 +82,6 @@ class FakeWarehouse:
             return _text("failures", "should_warn", "should_error"), [(0, False, False)]
         if "cast('1900-01-01' as timestamp)" in text and "max(" in text:  # incremental_watermark
             return _text("watermark"), [(self.watermark,)]
-        if text.startswith("select min(event_date), max(event_date), max(created_at) from"):
-            # the reconciliation test's bounds
-            return _text("min", "max", "max"), [(min(self.loaded_days), max(self.loaded_days), self.watermark)]
         if m := re.match(r"select datediff\( day, cast\('([^']*)' as date\), cast\('([^']*)' as date\) \)$", text):
             # dbt.date_spine's number of days (dim_date)
             return _text("days"), [((date.fromisoformat(m.group(2)) - date.fromisoformat(m.group(1))).days,)]

@@ -196,7 +196,8 @@ def test_the_recording_covers_what_prod_runs(recorded: Recorded):
     _issued(first, r'^create external schema if not exists "federated" from postgres ')
     _issued(first, r'^create table "warehouse"\."marts"\."\w+__dbt_tmp" .*\bas \(', at_least=5)
     _issued(first, rf"^create table {activity} diststyle even compound sortkey\(activity_date\) as \(")
-    _issued(first, rf"^create table {enr} diststyle key distkey \(user_id\) compound sortkey\(updated_at\) as \(")
+    _issued(first, rf'^create table {enr[:-1]}__dbt_tmp" diststyle key distkey \(user_id\) '
+                   r"compound sortkey\(updated_at\) as \(")
     _issued(first, rf"^create table {users} as \(")
     # full refresh of an existing warehouse: built aside, swapped by rename, backup dropped
     _issued(full, r'^drop schema "federated"$')
@@ -208,10 +209,11 @@ def test_the_recording_covers_what_prod_runs(recorded: Recorded):
     _issued(full, r'^drop view if exists "warehouse"\."reporting"\."rpt_\w+__dbt_backup" cascade$', at_least=3)
     _issued(full, r'^create view "warehouse"\."reporting"\."rpt_\w+__dbt_tmp" as \(.*\) with no schema binding',
             at_least=3)
-    # incremental: the watermark read, then delete+insert by key; snapshots merged
-    for target in (fct, enr):
-        _issued(incremental, rf"^delete from {target} where \(\w+\) in \(")
-        _issued(incremental, rf"^insert into {target} \(")
+    # incremental: the watermark read, then delete+insert by key; snapshots merged; tables
+    # (fct_enrollments among them) built aside and swapped
+    _issued(incremental, rf"^delete from {fct} where \(\w+\) in \(")
+    _issued(incremental, rf"^insert into {fct} \(")
+    _issued(incremental, rf'^alter table {enr[:-1]}__dbt_tmp" rename to "fct_enrollments"$')
     _issued(incremental, r"where created_at >= cast\('2026-11-30 12:00:00' as timestamp\)")
     _issued(incremental, rf"^delete from {activity}$")  # no window: every day recomputed
     _issued(incremental, rf"^update {users} set dbt_valid_to = ")

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -141,32 +140,24 @@ def test_export_asset_is_partitioned_by_company(local_platform):
     assert local_platform.defs.resolve_sensor_def("company_partitions").default_status.value == "RUNNING"
 
 
-def test_daily_facts_job_and_late_events_sweep_are_daily_partitioned(local_platform):
-    """The job's partitions come from the assets it selects (no partitions_def of its own,
-    deprecated in Dagster); the nightly sweep asks for the trailing seven days and the
-    scheduled day as one range, in that job."""
+def test_daily_facts_are_the_changes_sensors_not_automations(local_platform):
+    """The job's partitions come from the assets it selects; the daily facts carry no
+    automation condition (the daily_facts_changes sensor requests their days), run in that job
+    with their sizing, and the fact carries the reconciliation check."""
     defs = local_platform.defs
+    platform = local_platform.platform
     job = defs.resolve_job_def("daily_facts")
-    assert job.partitions_def == local_platform.platform.dbt_daily_facts.partitions_def
-    schedule = defs.resolve_schedule_def("late_events_sweep")
-    assert schedule.job_name == "daily_facts"
-    start = datetime.combine(date.fromisoformat(local_platform.platform.settings.partitions_start),
-                             time(2, 30), tzinfo=UTC)
-
-    def tick(at: datetime):
-        with dg.instance_for_test() as instance:
-            return schedule.evaluate_tick(dg.build_schedule_context(instance=instance, scheduled_execution_time=at))
-
-    request = tick(start + timedelta(days=20)).run_requests[0]
-    day = lambda n: (start + timedelta(days=n)).date().isoformat()  # noqa: E731
-    # the last daily partition is the scheduled day's own, still in progress (end_offset=1)
-    assert request.tags["dagster/asset_partition_range_start"] == day(13)
-    assert request.tags["dagster/asset_partition_range_end"] == day(20)
-    assert request.run_key == f"late-events-{day(20)}"
-    assert request.tags["ecs/cpu"] == "2048"
-    # before the first partition: a skip saying why, not an error
-    early = tick(start - timedelta(days=3))
-    assert not early.run_requests and "FACT_PARTITIONS_START" in early.skip_message
+    assert job.partitions_def == platform.dbt_daily_facts.partitions_def
+    for key in platform.dbt_daily_facts.keys:
+        assert platform.dbt_daily_facts.specs_by_key[key].automation_condition is None, key
+    sensor = defs.resolve_sensor_def("daily_facts_changes")
+    assert sensor.job_name == "daily_facts"
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    check = dg.AssetCheckKey(platform.daily_facts.fact_key, "matches_replica")
+    assert check in defs.resolve_asset_graph().asset_check_keys
+    # no nightly sweep of late events: the sensor sees a changed day of any age
+    assert {schedule.name for schedule in defs.schedules} == {"observe_federated_sources_schedule",
+                                                              "customer_exports_nightly"}
 
 
 def test_webserver_graphql_lists_every_asset_with_its_dependencies(platform_webserver, local_platform):

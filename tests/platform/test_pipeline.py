@@ -1,7 +1,8 @@
 """End to end, on DuckDB and on PostgreSQL: observe the federated sources, materialize every
 asset, every dbt check passes; simulator changes give new data versions only to the
-sources that changed, and automation requests exactly the stored assets downstream of
-them (nothing when nothing changed); a failed freshness policy requests its mart."""
+sources that changed, automation requests exactly the stored assets downstream of them
+(nothing when nothing changed), and the days of the daily facts that differ from the
+replica are the ones the batch touched; a failed freshness policy requests its mart."""
 
 from __future__ import annotations
 
@@ -154,28 +155,32 @@ def test_automation_follows_changed_sources(built, pg_env):
     result = dg.evaluate_automation_conditions(defs=built.defs, instance=built.instance, cursor=quiet.cursor)
     expected = _stored_downstream(built, changed)
     assert expected, "something must sit downstream of the changed sources"
-    # Assets below the daily-partitioned facts cannot share a run with one of their
-    # partitions: they would be requested on the tick after that partition has materialized.
+    # The daily facts are not automation's: the changes sensor requests the days that differ.
     daily = set(built.platform.dbt_daily_facts.keys)
     assert len(daily) == 2, "fct_lesson_events and fct_daily_learning_activity, built per day"
-    graph = built.defs.resolve_asset_graph()
-    below_daily = dg.AssetSelection.assets(*daily).downstream().resolve(graph) - daily
-    assert _requested(result) == expected - below_daily
-    assert daily <= _requested(result)
-    # The daily facts are requested together, for their latest partition only.
-    last = built.platform.dbt_daily_facts.partitions_def.get_last_partition_key()
-    for fact in daily:
-        assert set(result.get_requested_partitions(fact)) == {last}, fact
+    assert not expected & daily
+    assert _requested(result) == expected
 
-    run = built.defs.resolve_job_def("daily_facts").execute_in_process(
-        instance=built.instance, partition_key=last
-    )
-    assert run.success
-    assert {e.asset_key for e in run.get_asset_materialization_events()} == daily
-    next_tick = dg.evaluate_automation_conditions(defs=built.defs, instance=built.instance, cursor=result.cursor)
-    # Nothing stored sits below the daily facts (the reporting models over them are views,
-    # which read the new rows as they are): the change is done once their partition is.
-    assert _requested(next_tick) == expected & below_daily == set()
+    # The simulator's new events (now), late ones (1-5 days ago) and its edits and deletes of
+    # the last week's events are the days that differ.
+    facts = built.platform.daily_facts
+    with dg.build_resources({"replica": built.defs.resources["replica"],
+                             "warehouse": built.defs.resources["warehouse"]}) as res:
+        days = facts.differing(res.replica, res.warehouse)
+        today = dt.datetime.now(dt.UTC).date()
+        assert days and all((today - dt.date.fromisoformat(d)).days <= 8 for d in days), days
+        ranges, uncovered = facts.requests(days)
+        assert uncovered == [] and ranges[0][0] == days[0] and ranges[-1][1] == days[-1]
+        for first, last in ranges:
+            run = built.defs.resolve_job_def("daily_facts").execute_in_process(
+                instance=built.instance,
+                tags={"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last},
+            )
+            assert run.success
+            assert {e.asset_key for e in run.get_asset_materialization_events()} == daily
+            checks = [c for c in run.get_asset_check_evaluations() if c.check_name == "matches_replica"]
+            assert [c.passed for c in checks] == [True]
+        assert facts.differing(res.replica, res.warehouse) == []
 
 
 def test_freshness_failure_requests_the_mart(built):
@@ -220,6 +225,64 @@ def _fact_rows(put) -> dict[int, tuple[dt.date, str]]:
         with psycopg.connect(put.environ["WAREHOUSE_PG_URL"]) as conn:
             rows = conn.execute("select event_id, event_date, md5(t::text) from marts.fct_lesson_events t").fetchall()
     return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def _execute_on_warehouse(put, statement: str, params: tuple) -> None:
+    if put.platform.settings.engine == "duckdb":
+        import duckdb
+
+        con = duckdb.connect(put.environ["DUCKDB_PATH"])
+        try:
+            con.execute(statement.replace("%s", "?"), list(params))
+        finally:
+            con.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(put.environ["WAREHOUSE_PG_URL"], autocommit=True) as conn:
+            conn.execute(statement, params)
+
+
+def test_changes_sensor_and_the_reconciliation_check_see_a_day_the_warehouse_lost(built):
+    """A day of the fact lost in the warehouse (a write that never happened, whatever Dagster
+    recorded): the check fails with ERROR naming it, the sensor requests exactly that day, and
+    once its run is done the check passes and the sensor has nothing to request."""
+    facts = built.platform.daily_facts
+    resources = {"replica": built.defs.resources["replica"], "warehouse": built.defs.resources["warehouse"]}
+    sensor = built.defs.resolve_sensor_def("daily_facts_changes")
+
+    def tick() -> dg.SensorResult:
+        with dg.build_sensor_context(instance=built.instance, resources=resources) as context:
+            return sensor.evaluate_tick(context)
+
+    with dg.build_resources(resources) as res:
+        for first, last in facts.requests(facts.differing(res.replica, res.warehouse))[0]:  # earlier tests' leftovers
+            assert built.defs.resolve_job_def("daily_facts").execute_in_process(
+                instance=built.instance, tags={"dagster/asset_partition_range_start": first,
+                                               "dagster/asset_partition_range_end": last}).success
+        assert facts.differing(res.replica, res.warehouse) == []
+    quiet = tick()
+    assert not quiet.run_requests and "match the replica" in quiet.skip_message
+
+    day = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=3)).isoformat()
+    _execute_on_warehouse(built, "delete from marts.fct_lesson_events where event_date = %s", (day,))
+    tags = {"dagster/asset_partition_range_start": day, "dagster/asset_partition_range_end": day}
+    check_key = dg.AssetCheckKey(facts.fact_key, "matches_replica")
+    check_only = built.defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection=set(), asset_check_selection={check_key})
+    failed = check_only.execute_in_process(instance=built.instance, tags=tags, raise_on_error=False)
+    [evaluation] = failed.get_asset_check_evaluations()
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR
+    assert day in evaluation.description and evaluation.metadata["differing_days"].value == day
+
+    requested = tick()
+    assert [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+            for r in requested.run_requests] == [(day, day)]
+    run = built.defs.resolve_job_def("daily_facts").execute_in_process(instance=built.instance,
+                                                                      tags=requested.run_requests[0].tags)
+    assert run.success
+    assert [c.passed for c in run.get_asset_check_evaluations() if c.check_name == "matches_replica"] == [True]
+    assert not tick().run_requests
 
 
 def test_cli_backfill_changes_rows_only_inside_the_range(built, pg_env):

@@ -53,35 +53,3 @@
         model.include(database=false), column_name, to.include(database=false), field) | trim -%}
   {{ return("select * from postgres_query('" ~ catalog ~ "', '" ~ (sql | replace("'", "''")) ~ "')") }}
 {% endmacro %}
-
-
-{#- The replica's lesson events per day for the reconciliation test
-    (tests/assert_fct_lesson_events_daily_counts_match_replica.sql): day and count of the
-    events that occurred in [first_day, after_last_day) and were received by received_until.
-    An aggregate the engine's federation runs on the replica: postgres_fdw and Redshift's
-    federated query push it down; DuckDB's postgres scanner would push only the filter and
-    copy every event's occurred_at to the warehouse to count them there, so on DuckDB the
-    query itself runs on the replica (postgres_query) and about 120 rows come back. -#}
-{% macro replica_events_per_day(relation, first_day, after_last_day, received_until) %}
-  {{ return(adapter.dispatch('replica_events_per_day')(relation, first_day, after_last_day, received_until)) }}
-{% endmacro %}
-
-{% macro default__replica_events_per_day(relation, first_day, after_last_day, received_until) %}
-    select cast(occurred_at as date) as event_date, count(*) as replica_events
-    from {{ relation }}
-    where occurred_at >= cast('{{ first_day }}' as timestamp)
-        and occurred_at < cast('{{ after_last_day }}' as timestamp)
-        and created_at <= cast('{{ received_until }}' as timestamp)
-    group by cast(occurred_at as date)
-{% endmacro %}
-
-{% macro duckdb__replica_events_per_day(relation, first_day, after_last_day, received_until) %}
-  {%- set catalog = var('duckdb_replica_catalog') -%}
-  {%- if relation is string or relation.database != catalog -%}
-    {{ return(default__replica_events_per_day(relation, first_day, after_last_day, received_until)) }}
-  {%- endif -%}
-  {%- set sql = default__replica_events_per_day(
-        relation.include(database=false), first_day, after_last_day, received_until) | trim -%}
-    select event_date, replica_events
-    from postgres_query('{{ catalog }}', '{{ sql | replace("'", "''") }}')
-{% endmacro %}

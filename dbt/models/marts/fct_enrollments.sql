@@ -1,24 +1,15 @@
 {#-
-  One row per enrollment, its current status and certificate. Incremental (delete+insert on
-  enrollment_id): a run re-reads the enrollments updated (or certified) since the latest
-  updated_at already loaded, minus the lookback, and replaces them, so status changes land.
-  Only the user's company (fixed) is copied from other tables.
+  One row per enrollment, its current status and certificate, and the user's current
+  company. A table (dbt_project.yml: marts are tables), rebuilt whenever a source it reads
+  changed: deletes, moves and edits without an updated_at bump all land (_marts.yml).
 -#}
 {{ config(
-    materialized='incremental',
-    incremental_strategy='delete+insert',
-    unique_key='enrollment_id',
-    on_schema_change='fail',
     **table_layout(
         dist='user_id',
         sort=['updated_at'],
         indexes=[{'columns': ['enrollment_id'], 'unique': true}],
     )
 ) }}
-
-{%- if is_incremental() %}
-  {%- set watermark = incremental_watermark('updated_at') %}
-{%- endif %}
 
 with enrollments as (
 
@@ -65,7 +56,3 @@ left join certificates
     on certificates.enrollment_id = enrollments.enrollment_id
 left join users
     on users.user_id = enrollments.user_id
-{%- if is_incremental() %}
-where enrollments.updated_at >= {{ watermark }}
-    or certificates.created_at >= {{ watermark }}
-{%- endif %}

@@ -3,7 +3,9 @@ print what was built. Runs are recorded in the local Dagster instance (DAGSTER_H
 `make ui` shows them afterwards.
 
 A second `make demo` does what the automation sensors would: observe the sources, evaluate
-the automation conditions (cursor kept in DAGSTER_HOME) and run only what they request.
+the automation conditions (cursor kept in DAGSTER_HOME) and run only what they request, and
+run the days of the daily facts whose contents differ from the replica's (what the
+daily_facts_changes sensor requests).
 
 First run order: observe the federated sources; build every model that does not read the daily
 facts (staging views, dimensions, snapshots...); build the daily facts over the whole data
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from platform_assets.dbt_assets import INDIRECT_SELECTION_TAG
+from platform_assets.dbt_assets import FULL_REFRESH_TAG
 
 PARTITION_RANGE_START = "dagster/asset_partition_range_start"
 PARTITION_RANGE_END = "dagster/asset_partition_range_end"
@@ -43,6 +45,7 @@ class Runner:
         self.export_keys = set(platform.exports.asset.keys)
         self.all_keys = {k for k in self.graph.get_all_asset_keys() if self.graph.get(k).is_materializable}
         self.materialized: set[dg.AssetKey] = set()
+        self.failed_checks: list = []
 
     def run(self, label: str, job: dg.JobDefinition, tags: dict | None = None) -> None:
         t0 = time.monotonic()
@@ -52,26 +55,43 @@ class Runner:
         keys = {e.asset_key for e in result.get_asset_materialization_events()}
         observed = len(result.get_asset_observation_events())
         self.materialized.update(keys)
+        failed_checks = [c for c in result.get_asset_check_evaluations() if not c.passed]
+        self.failed_checks.extend(failed_checks)
         status = "ok" if result.success else "FAILED"
         detail = f"{len(keys)} materialized" + (f", {observed} observed" if observed else "")
         self.progress(f"  {label:<34} {status:<6} {detail:<22} {time.monotonic() - t0:6.1f}s  run {result.run_id[:8]}")
+        for check in failed_checks:
+            self.progress(f"  WARNING check {check.asset_key.to_user_string()}:{check.check_name} failed"
+                          f" ({check.severity.value}){': ' + check.description if check.description else ''}")
         if not result.success:
             raise SystemExit(f"demo stopped: run {result.run_id} ({label}) failed; see `make ui` for its logs")
 
     def observe(self) -> None:
         self.run("observe federated sources", self.defs.resolve_job_def("observe_federated_sources"))
 
-    def requested(self, result, requested: set[dg.AssetKey]) -> None:
-        """What an automation evaluation requested, in one run: the models, and the daily facts
-        over the range of their requested partitions (Dagster orders the steps)."""
-        daily = requested & self.daily_keys
-        partitions = sorted({p for key in daily for p in result.get_requested_partitions(key) if p})
-        keys = (requested - self.daily_keys - self.export_keys) | (daily if partitions else set())
-        if keys and partitions:
-            label = f"requested models, daily facts {partitions[0]}..{partitions[-1]}"
-            self.subset(label, keys, tags={PARTITION_RANGE_START: partitions[0], PARTITION_RANGE_END: partitions[-1]})
-        elif keys:
+    def requested(self, requested: set[dg.AssetKey]) -> None:
+        """What an automation evaluation requested (the unpartitioned models), in one run."""
+        keys = requested - self.daily_keys - self.export_keys
+        if keys:
             self.subset("requested models", keys)
+
+    def changed_days(self) -> list[tuple[str, str]]:
+        """What the daily_facts_changes sensor requests: ranges of days whose contents differ."""
+        from platform_assets.changes import uncovered_message
+
+        facts = self.platform.daily_facts
+        with dg.build_resources({"replica": self.defs.resources["replica"],
+                                 "warehouse": self.defs.resources["warehouse"]}) as resources:
+            days = facts.differing(resources.replica, resources.warehouse)
+        ranges, uncovered = facts.requests(days)
+        if uncovered:
+            self.progress("  WARNING " + uncovered_message(uncovered, self.platform.settings.partitions_start))
+        return ranges
+
+    def daily_ranges(self, ranges: list[tuple[str, str]]) -> None:
+        for first, last in ranges:
+            self.subset(f"daily facts {first}..{last} (changed)", self.daily_keys,
+                        tags={PARTITION_RANGE_START: first, PARTITION_RANGE_END: last})
 
     def subset(self, label: str, keys: set[dg.AssetKey], tags: dict | None = None) -> None:
         self.run(label, self.global_job.get_subset(asset_selection=keys), tags=tags)
@@ -108,9 +128,11 @@ class Runner:
         return {k for k in self.all_keys if self.instance.get_latest_materialization_event(k) is None}
 
 
-def run_all(platform, instance: dg.DagsterInstance, progress=print) -> dict:
-    """Materialize every asset once (platform: platform_assets.assembly.Platform)."""
+def run_all(platform, instance: dg.DagsterInstance, progress=print, full_refresh: bool = False) -> dict:
+    """Materialize every asset once (platform: platform_assets.assembly.Platform); with
+    `full_refresh`, every dbt model rebuilt in full (run tag platform/full_refresh)."""
     started = time.monotonic()
+    refresh_tags = {FULL_REFRESH_TAG: "true"} if full_refresh else {}
     r = Runner(platform, instance, progress)
     after_daily = (dg.AssetSelection.assets(*r.daily_keys).downstream().resolve(r.graph) & r.all_keys) - r.daily_keys
     before_daily = r.all_keys - after_daily - r.daily_keys - r.source_keys - r.export_keys
@@ -123,12 +145,11 @@ def run_all(platform, instance: dg.DagsterInstance, progress=print) -> dict:
     # Two runs: what does not read the daily facts, then the facts and what reads them (Dagster
     # orders the steps). Separate runs, so that a failed test among the dimensions does not stop
     # the facts (a failed step stops the steps after it in its run). A relationship test from a
-    # fact to a dimension has parents in both runs, and dbt's default (eager) indirect selection
-    # would run it with the dimensions, before the fact exists: in the first run only tests
-    # whose parents are all selected run (cautious); the facts' tests run with the facts.
-    r.subset("staging, dimensions, snapshots", before_daily, tags={INDIRECT_SELECTION_TAG: "cautious"})
+    # fact to a dimension runs with the fact (the unpartitioned set's indirect selection is
+    # cautious, platform_assets/dbt_assets.py).
+    r.subset("staging, dimensions, snapshots", before_daily, tags=refresh_tags)
     r.subset(f"daily facts {start}..{last} and what reads them", r.daily_keys | after_daily,
-             tags={PARTITION_RANGE_START: start, PARTITION_RANGE_END: last})
+             tags={PARTITION_RANGE_START: start, PARTITION_RANGE_END: last, **refresh_tags})
     # The consumers: every company's export in one run, and the dashboards over the marts.
     r.sync_companies()
     r.exports(instance.get_dynamic_partitions(platform.exports.asset.partitions_def.name))
@@ -136,23 +157,35 @@ def run_all(platform, instance: dg.DagsterInstance, progress=print) -> dict:
     return {"materialized": r.materialized, "expected": r.all_keys, "seconds": time.monotonic() - started}
 
 
-def refresh(platform, instance: dg.DagsterInstance, cursor, progress=print, max_ticks: int = 3) -> dict:
-    """What the automation sensors would do now: observe, evaluate, run what is requested.
-
-    Ticks until nothing more is requested (anything stored below the daily facts would follow
-    the tick after their partition). Returns the summary and the automation cursor to keep.
-    """
-    started = time.monotonic()
-    r = Runner(platform, instance, progress)
+def automation_cycle(r: Runner, instance: dg.DagsterInstance, cursor, keys: set[dg.AssetKey] | None = None,
+                     max_ticks: int = 5):
+    """Observe, then until nothing more is requested: evaluate the automation conditions and
+    run what they request, and run the days of the daily facts that differ from the replica.
+    `keys`: only these assets (the benchmark's dbt assets). Returns the automation cursor."""
     r.observe()
     for _ in range(max_ticks):
         result = dg.evaluate_automation_conditions(defs=r.defs, instance=instance, cursor=cursor)
         cursor = result.cursor
         requested = {x.key for x in result.results if x.true_subset.size > 0 and isinstance(x.key, dg.AssetKey)}
-        if not requested:
+        if keys is not None:
+            requested &= keys
+        if requested:
+            r.progress(f"  automation requests: {', '.join(sorted(k.to_user_string() for k in requested))}")
+            r.requested(requested)
+        # after the models: a fact's relationship tests read the dimensions
+        ranges = r.changed_days() if keys is None or keys & r.daily_keys else []
+        r.daily_ranges(ranges)
+        if not requested and not ranges:
             break
-        progress(f"  automation requests: {', '.join(sorted(k.to_user_string() for k in requested))}")
-        r.requested(result, requested)
+    return cursor
+
+
+def refresh(platform, instance: dg.DagsterInstance, cursor, progress=print) -> dict:
+    """What the automation sensors would do now (automation_cycle), then the consumers.
+    Returns the summary and the automation cursor to keep."""
+    started = time.monotonic()
+    r = Runner(platform, instance, progress)
+    cursor = automation_cycle(r, instance, cursor)
     # New companies get their export at once (the company_partitions sensor); a changed mart
     # reaches every export on the nightly schedule, which the demo does right away.
     added, _ = r.sync_companies()
@@ -223,7 +256,11 @@ def main() -> int:
     instance = dg.DagsterInstance.get()
     cursor_file = Path(instance.root_directory) / "demo-automation-cursor.json"
     runner = Runner(platform, instance)
-    if runner.never_materialized():
+    if "--full-refresh" in sys.argv[1:]:
+        print(f"full refresh: every asset once, every dbt model rebuilt in full (run tag {FULL_REFRESH_TAG}=true)")
+        summary = run_all(platform, instance, full_refresh=True)
+        cursor = dg.evaluate_automation_conditions(defs=platform.defs, instance=instance).cursor
+    elif runner.never_materialized():
         print(f"first run: every asset once (PLATFORM_ENV={settings.env}, dbt target {settings.dbt_target}, "
               f"Dagster instance {instance.root_directory})")
         summary = run_all(platform, instance)

@@ -1,10 +1,11 @@
 """One batch of realistic operational changes, applied on the primary.
 
 What the application does between two platform refreshes: learners produce new lesson
-events (a few arrive late, days after they happened), finish courses and get certificates,
-users and companies are edited, a few users leave (soft delete), and a company changes
-plan. Every row touched gets `updated_at` = now, which is what the platform's watermarks
-and incremental models read.
+events (a few arrive late, days after they happened), a few recent events are corrected in
+place or removed (a client's retry, a support fix: events have no `updated_at`), learners
+finish courses and get certificates, users and companies are edited, a few users leave
+(soft delete), and a company changes plan. Rows with an `updated_at` get it bumped; the
+platform does not rely on it (docs/change-detection.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def _now(conn: psycopg.Connection) -> datetime:
 
 
 def simulate(conn: psycopg.Connection, *, new_events: int = 2000, seed: int | None = None,
-             late_fraction: float = 0.05) -> dict[str, int]:
+             late_fraction: float = 0.05, edit_fraction: float = 0.01,
+             delete_fraction: float = 0.005) -> dict[str, int]:
     """Apply one batch in a single transaction; returns what changed, per kind."""
     rng = random.Random(seed)
     counts: dict[str, int] = {}
@@ -60,6 +62,21 @@ def simulate(conn: psycopg.Connection, *, new_events: int = 2000, seed: int | No
                     copy.write_row((user_id, rng.choice(lessons), kind, seconds, occurred, now))
         counts["lesson_events_inserted"] = new_events if enrollments else 0
         counts["lesson_events_late"] = late
+
+        # -- recent events corrected in place, and a few removed (last week, before this batch) --
+        recent = "select event_id from app.lesson_events where occurred_at >= %(since)s and created_at < %(now)s" \
+                 " order by md5(event_id::text || %(salt)s) limit %(n)s"
+        since = now - timedelta(days=7)
+        cur = conn.execute(
+            f"update app.lesson_events set seconds_spent = seconds_spent + 7 where event_id in ({recent})",
+            {"since": since, "now": now, "salt": str(rng.random()), "n": round(new_events * edit_fraction)},
+        )
+        counts["lesson_events_edited"] = cur.rowcount
+        cur = conn.execute(
+            f"delete from app.lesson_events where event_id in ({recent})",
+            {"since": since, "now": now, "salt": str(rng.random()), "n": round(new_events * delete_fraction)},
+        )
+        counts["lesson_events_deleted"] = cur.rowcount
 
         # -- enrollments progress: some start, some complete (with a certificate) -----------------
         cur = conn.execute(
