@@ -23,7 +23,7 @@ export LOCAL_DIR
 # The local Dagster instance lives under .local/dagster (dagster.yaml is copied there).
 DAGSTER_HOME_DIR := $(LOCAL_DIR)/dagster
 
-.PHONY: help venv up down status simulate clean demo test dbt-build ui bench lint scan dagster-home
+.PHONY: help venv up down status simulate clean demo full-refresh test churn dbt-build ui bench lint scan dagster-home
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -70,11 +70,17 @@ demo: up dagster-home ## the main job on the embedded default (DuckDB): every as
 	@$(PY) -m localenv summary
 	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m localenv.demo
 
+full-refresh: up dagster-home ## every asset through Dagster with every dbt model rebuilt in full
+	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m localenv.demo --full-refresh
+
 ui: up dagster-home ## the Dagster UI (lineage, runs, backfills) on http://127.0.0.1:3000
 	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 test: $(STAMP) $(CKV_STAMP) ## the whole suite (starts its own primary + replica on free ports)
 	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
+churn: $(STAMP) ## the churn property test, CHURN_EXAMPLES (100) per engine (make test runs 8)
+	@CHURN_EXAMPLES=$${CHURN_EXAMPLES:-100} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests/platform/test_churn_duckdb.py tests/platform/test_churn_postgres.py
 
 bench: $(STAMP) ## EVENTS (8000000) events: Dagster vs plain dbt vs raw SQL vs PostgreSQL (docs/benchmarks.md)
 	@$(PY) -m bench
