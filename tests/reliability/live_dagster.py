@@ -72,12 +72,16 @@ def instance_config(**run_monitoring) -> dict:
 
 
 @contextmanager
-def live_dagster(pg_env, folder: Path, config: dict) -> Iterator[LiveDagster]:
+def live_dagster(pg_env, folder: Path, config: dict, overrides: dict[str, str] | None = None,
+                 cwd: Path = REPO_ROOT) -> Iterator[LiveDagster]:
+    """`dagster dev -w workspace.yaml` (as `make ui`) run in `cwd`, its instance and warehouse
+    file under `folder`; the CLI beside it in the same environment."""
     home = folder / "dagster"
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     # No observation schedule tick during the test (it would only add runs to look at).
-    environ = {**os.environ, **platform_environ(pg_env, folder, "local", {"SOURCE_OBSERVE_CRON": "0 0 1 1 *"}),
+    overrides = {"SOURCE_OBSERVE_CRON": "0 0 1 1 *", **(overrides or {})}
+    environ = {**os.environ, **platform_environ(pg_env, folder, "local", overrides),
                "DAGSTER_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     port = free_port()
     log = folder / "dagster-dev.log"
@@ -85,7 +89,7 @@ def live_dagster(pg_env, folder: Path, config: dict) -> Iterator[LiveDagster]:
         # Its own session, default signal handling: SIGTERM to the group stops every process.
         proc = subprocess.Popen(
             [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-            env=environ, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=environ, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     live = LiveDagster(url=f"http://127.0.0.1:{port}", port=port, home=home, environ=environ, log=log,
                        config=config)
