@@ -20,6 +20,7 @@ from .dbt_project import dbt_project_for, dbt_resource
 from .exports import Exports, build_exports
 from .exposures import Dashboard, dashboard_refresh_sensor, dashboard_specs, dashboards_from_manifest
 from .resources import replica_resource, warehouse_resource
+from .run_health import run_health_sensors
 from .settings import PlatformSettings
 from .sources import FederatedTable, build_federated_sources
 
@@ -104,6 +105,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
             run_failure_alert,
             exports.sensor,
             dashboard_refresh_sensor(dashboards),
+            *run_health_sensors(settings.env),
         ],
         resources={
             "dbt": dbt_resource(dbt_project),

@@ -12,6 +12,7 @@ single writer).
 
 import json
 import re
+import subprocess
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -164,12 +165,15 @@ def _dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: DbtPro
     target = run_target_path(project, context)
     invocation = dbt.cli(args, context=context, target_path=target)
     built: set[dg.AssetKey] = set()
-    for event in _explain_replica_failure(_stream(invocation, context, warehouse), invocation, context, replica):
-        if isinstance(event, dg.Output):
-            built.add(context.asset_key_for_output(event.output_name))
-        elif isinstance(event, dg.AssetMaterialization):
-            built.add(event.asset_key)
-        yield event
+    try:
+        for event in _explain_replica_failure(_stream(invocation, context, warehouse), invocation, context, replica):
+            if isinstance(event, dg.Output):
+                built.add(context.asset_key_for_output(event.output_name))
+            elif isinstance(event, dg.AssetMaterialization):
+                built.add(event.asset_key)
+            yield event
+    finally:
+        stop_dbt(invocation.process, context.log)
     missing = sorted(set(context.selected_asset_keys) - built, key=lambda key: key.to_user_string())
     if missing:
         message = unbuilt_message(missing, target)
@@ -179,6 +183,22 @@ def _dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: DbtPro
         prune_run_folders(target.parent)
     except OSError as exc:  # housekeeping: never fails a run that succeeded
         context.log.warning(f"could not remove old dbt run folders under {target.parent}: {exc}")
+
+
+def stop_dbt(process: subprocess.Popen, log, grace_seconds: float = 10) -> None:
+    """No dbt outlives its step. On termination dagster-dbt sends dbt SIGINT and waits 25 s
+    (DAGSTER_DBT_TERMINATION_TIMEOUT_SECONDS); a dbt whose statement waits on a lock does not
+    answer it and would go on, writing the warehouse after its run was canceled. SIGTERM, then
+    SIGKILL: each model's swap is one transaction, so a killed dbt leaves the last good state."""
+    if process.poll() is not None:
+        return
+    log.warning(f"dbt (pid {process.pid}) still running after its step ended: stopping it")
+    process.terminate()
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=grace_seconds)
 
 
 def unbuilt_message(missing: list[dg.AssetKey], target: Path) -> str:

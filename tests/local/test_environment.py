@@ -3,12 +3,19 @@ idempotent up, and down/up keeping the data."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import duckdb
 import psycopg
 import pytest
 from localenv import generator
 from localenv.environment import APP_DB, table_checksums
+from localenv.settings import LocalSettings, SettingError
 from psycopg import errors, sql
+
+from ..platform.conftest import REPO_ROOT
 
 
 def test_write_on_primary_appears_on_replica(pg_env):
@@ -128,11 +135,65 @@ def test_up_is_idempotent(pg_env):
     assert pg_env.checksums() == before
 
 
+def _localenv(pg_env, *args: str, **environ: str) -> subprocess.CompletedProcess:
+    """`python -m localenv ...` (what `make status` runs) in a shell that has none of the port
+    variables: only LOCAL_DIR, as the Makefile exports it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PRIMARY_PORT", "REPLICA_PORT")}
+    env.update(LOCAL_DIR=str(pg_env.settings.local_dir), **environ)
+    return subprocess.run([sys.executable, "-m", "localenv", *args], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_status_reads_the_ports_up_chose(pg_env):
+    s = pg_env.settings
+    assert (s.primary_port, s.replica_port) != (54320, 54321)  # free ports, not the defaults
+    status = _localenv(pg_env, "status")
+    assert status.returncode == 0, status.stderr
+    assert f"primary  running      127.0.0.1:{s.primary_port} " in status.stdout
+    assert f"replica  running      127.0.0.1:{s.replica_port} " in status.stdout
+    assert "replica replay lag:" in status.stdout
+    # `make up` again in such a shell finds the running servers: nothing to do, no wait.
+    up = _localenv(pg_env, "up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "already up: nothing to do" in up.stdout
+    # A port variable set against the running servers is an error naming it, not a minute's wait.
+    wrong = _localenv(pg_env, "status", REPLICA_PORT=str(s.primary_port + 7))
+    assert wrong.returncode == 1
+    assert f"runs on 127.0.0.1:{s.replica_port}, not on REPLICA_PORT={s.primary_port + 7}" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+
+
+def test_remembered_ports_of_an_older_env_file(tmp_path, monkeypatch):
+    # Files written before PRIMARY_PORT was recorded name the primary's port as the pg warehouse's.
+    (tmp_path / "platform.env").write_text("REPLICA_PORT=6001\nWAREHOUSE_PG_PORT=6000\n")
+    monkeypatch.setenv("LOCAL_DIR", str(tmp_path))
+    monkeypatch.delenv("PRIMARY_PORT", raising=False)
+    monkeypatch.delenv("REPLICA_PORT", raising=False)
+    settings = LocalSettings.from_env()
+    assert (settings.primary_port, settings.replica_port) == (6000, 6001)
+    monkeypatch.setenv("REPLICA_PORT", "6002")  # a variable set wins
+    assert LocalSettings.from_env().replica_port == 6002
+    (tmp_path / "platform.env").write_text("REPLICA_PORT=abc\n")
+    with pytest.raises(SettingError, match="REPLICA_PORT='abc' in .*platform.env is not a port number"):
+        LocalSettings.from_env()
+
+
+def test_status_of_missing_servers_is_a_report(tmp_path):
+    fresh = subprocess.run([sys.executable, "-m", "localenv", "status"], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "LOCAL_DIR": str(tmp_path)})
+    assert fresh.returncode == 0, fresh.stderr
+    assert "primary  not created" in fresh.stdout
+
+
 def test_down_then_up_keeps_data(pg_env):
     before = pg_env.checksums()
     stopped = pg_env.cluster.down()
     assert stopped == ["stopped replica", "stopped primary"]
     assert not pg_env.cluster.is_running(pg_env.cluster.primary)
+    # Stopped servers are a state `make status` reports, with the ports `make up` chose.
+    status = _localenv(pg_env, "status")
+    assert status.returncode == 0, status.stderr
+    assert f"primary  stopped      127.0.0.1:{pg_env.settings.primary_port} " in status.stdout
     result = pg_env.local.up(progress=lambda _m: None)
     assert result["loaded"] is None
     assert pg_env.checksums() == before

@@ -2,6 +2,11 @@
 missing (every mart and reporting view has the state of the last good run), and the next
 run succeeds. On both engines, on the tests/dbt scenario's warehouses.
 
+Through Dagster (a live `dagster dev` on the local instance config): a materialization whose
+process group is killed with SIGKILL is failed and gives its `warehouse` slot back within the
+bound the README documents, and the next materialization completes; a terminated run leaves
+no dbt process behind.
+
 "In the middle" is made certain rather than hoped for: the test holds a lock that the
 build's `create table ... __dbt_tmp as select` has to wait for (on PostgreSQL a lock on the
 mart the model reads; on DuckDB a lock on the replica's table that the model reads through
@@ -15,13 +20,22 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import dagster as dg
 import duckdb
+import psutil
 import psycopg
 import pytest
+from dagster_graphql import DagsterGraphQLClient
+
+from platform_assets.run_health import RUN_HEALTH_INTERVAL_SECONDS
 
 from ..dbt.dbt_cli import DBT, PROJECT_DIR
 from .conftest import catch_up
+from .live_dagster import LiveDagster, instance_config, live_dagster
 from .warehouse_readers import duckdb_states, relation_states, warehouse_url
 
 
@@ -170,3 +184,144 @@ def test_kill_9_mid_table_build_on_duckdb(dbt_scenario, pg_env):
     assert set(after_kill) == set(before), "no relation missing, none left over"
     assert retry.ok, retry.describe()
     assert after_retry == before
+
+
+# -- through Dagster -------------------------------------------------------------------------
+# Two staging views over the replica: their dbt tests read app.courses (no mart is needed for
+# dbt's default, eager, test selection to pass, as it would for a mart).
+SELECTION = ("staging/stg_app__courses", "staging/stg_app__lessons")
+# Short intervals for a fast test; the README's bound is computed from the same three numbers.
+MONITORING = {"poll_interval_seconds": 2, "free_slots_after_run_end_seconds": 2}
+# What the daemon adds to the configured intervals: a sensor tick is evaluated in the code
+# server, and the monitoring daemon's loop, on a loaded machine.
+DAEMON_ALLOWANCE_SECONDS = 60
+
+
+def documented_bound(monitoring: dict) -> float:
+    """README, Troubleshooting: the run_health sensor's interval, then the slot is freed
+    `free_slots_after_run_end_seconds` after the failure, at the next monitoring poll."""
+    return (RUN_HEALTH_INTERVAL_SECONDS + monitoring["free_slots_after_run_end_seconds"]
+            + monitoring["poll_interval_seconds"])
+
+
+@pytest.fixture(scope="module")
+def live(pg_env, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("live-dagster")
+    with live_dagster(pg_env, folder, instance_config(**MONITORING)) as live:
+        first = live.cli("asset", "materialize", "-m", "platform_assets.definitions", "--select", ",".join(SELECTION))
+        out, _ = first.communicate(timeout=600)
+        assert first.returncode == 0, out[-4000:]
+        yield live
+
+
+
+@contextmanager
+def replica_reads_of_courses_blocked(pg_env) -> Iterator[None]:
+    """Federated reads of app.courses wait while this is open (the lock is taken on the
+    primary and replayed on the standby; nothing is written), so a build of marts/dim_courses
+    is certain to be in the middle of its dbt command."""
+    with pg_env.cluster.primary.connect("saas") as blocker:
+        blocker.execute("begin")
+        blocker.execute("lock table app.courses in access exclusive mode")
+        blocker.execute("select pg_switch_wal()")
+        try:
+            _wait_for(lambda: _replica_holds_lock(pg_env, "courses"), timeout=60, what="the lock on the replica")
+            yield
+        finally:
+            blocker.execute("rollback")
+
+
+def _replica_holds_lock(pg_env, table: str) -> bool:
+    with pg_env.cluster.replica.connect("saas") as conn:
+        return bool(conn.execute(
+            "select 1 from pg_locks l join pg_class c on c.oid = l.relation"
+            " where c.relname = %s and l.mode = 'AccessExclusiveLock' and l.granted", (table,)
+        ).fetchone())
+
+
+def _courses_read_waiting(pg_env) -> bool:
+    with pg_env.cluster.replica.connect("saas") as conn:
+        return bool(conn.execute(
+            "select 1 from pg_stat_activity where usename = 'federation_ro'"
+            " and wait_event_type = 'Lock' and query ilike '%%courses%%'"
+        ).fetchone())
+
+
+def _dbt_processes(run_id: str) -> list[psutil.Process]:
+    """The live dbt processes of a run: dagster-dbt hands each its own target folder, named
+    after the run (dbt_project.run_target_path), in DBT_TARGET_PATH."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if not any(Path(part).name == "dbt" for part in (proc.info["cmdline"] or [])[:2]):
+                continue
+            if f"-{run_id[:7]}-" in proc.environ().get("DBT_TARGET_PATH", "") \
+                    and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _status(live: LiveDagster, run_id: str) -> dg.DagsterRunStatus | None:
+    with live.instance() as instance:
+        run = instance.get_run_by_id(run_id)
+        return run.status if run else None
+
+
+def test_sigkilled_materialization_is_failed_and_frees_the_warehouse(live: LiveDagster, pg_env):
+    with live.instance() as instance:
+        before = {r.dagster_run.run_id for r in instance.get_run_records()}
+    with replica_reads_of_courses_blocked(pg_env):
+        cli = live.cli("asset", "materialize", "-m", "platform_assets.definitions", "--select", ",".join(SELECTION))
+        try:
+            _wait_for(lambda: _courses_read_waiting(pg_env), timeout=240, what="dbt's read of app.courses")
+            with live.instance() as instance:
+                (run_id,) = {r.dagster_run.run_id for r in instance.get_run_records()} - before
+            assert _status(live, run_id) == dg.DagsterRunStatus.STARTED
+            assert [s["runId"] for s in live.claimed_slots("warehouse")] == [run_id]
+            dbt = _dbt_processes(run_id)
+            assert dbt, "dbt runs in the run's process group"
+        finally:
+            os.killpg(cli.pid, signal.SIGKILL)  # the CLI, its step process and dbt
+            cli.wait(timeout=30)
+    assert not _dbt_processes(run_id)
+
+    bound = documented_bound(MONITORING)
+    waited = _wait_for(
+        lambda: _status(live, run_id) == dg.DagsterRunStatus.FAILURE
+        and run_id not in {s["runId"] for s in live.claimed_slots("warehouse")},
+        timeout=bound + DAEMON_ALLOWANCE_SECONDS,
+        what=f"run {run_id} FAILURE with its warehouse slot freed (bound {bound}s)",
+    )
+
+    again = live.cli("asset", "materialize", "-m", "platform_assets.definitions", "--select", ",".join(SELECTION))
+    out, _ = again.communicate(timeout=600)
+    print(f"\nkilled run through Dagster: FAILURE and slot freed {waited:.1f}s after SIGKILL "
+          f"(bound {bound}s + daemon allowance); the next materialization exited {again.returncode}")
+    assert again.returncode == 0, out[-4000:]
+    assert not live.claimed_slots("warehouse")
+
+
+def test_terminated_run_leaves_no_dbt_process(live: LiveDagster, pg_env):
+    client = DagsterGraphQLClient("127.0.0.1", port_number=live.port)
+    with replica_reads_of_courses_blocked(pg_env):
+        run_id = client.submit_job_execution(
+            "unpartitioned_models", repository_location_name="platform_assets",
+            asset_selection=[dg.AssetKey.from_user_string(name) for name in SELECTION],
+        )
+        _wait_for(lambda: _courses_read_waiting(pg_env) and _dbt_processes(run_id), timeout=240,
+                  what="the launched run's dbt reading app.courses")
+        dbt_pids = [p.pid for p in _dbt_processes(run_id)]
+        client.terminate_run(run_id)
+        # Still blocked: dbt must stop although its query cannot finish.
+        _wait_for(lambda: _status(live, run_id) in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.FAILURE),
+                  timeout=live.config["run_monitoring"]["cancel_timeout_seconds"] + 60,
+                  what=f"run {run_id} to end after termination")
+        survivors = _dbt_processes(run_id)
+    print(f"\nterminated run: status {_status(live, run_id).value}, dbt pids {dbt_pids}, survivors {survivors}")
+    assert _status(live, run_id) == dg.DagsterRunStatus.CANCELED
+    assert not survivors, survivors
+    _wait_for(lambda: not live.claimed_slots("warehouse"),
+              timeout=documented_bound(MONITORING) + DAEMON_ALLOWANCE_SECONDS,
+              what="the terminated run's warehouse slot to be freed")

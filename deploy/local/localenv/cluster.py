@@ -87,6 +87,14 @@ class Server:
     def admin_conninfo(self, dbname: str = "postgres") -> str:
         return f"host={self.socket_dir} port={self.port} user={SUPERUSER} dbname={dbname}"
 
+    def running_port(self) -> int | None:
+        """The port the server's postmaster listens on (4th line of postmaster.pid), if any."""
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return None
+        return int(lines[3]) if len(lines) > 3 and lines[3].strip().isdigit() else None
+
     def connect(self, dbname: str = "postgres", autocommit: bool = True) -> psycopg.Connection:
         """A superuser connection over the Unix socket (local administration only)."""
         return psycopg.connect(self.admin_conninfo(dbname), autocommit=autocommit)
@@ -207,6 +215,7 @@ class LocalCluster:
     def up(self) -> list[str]:
         """Initialise what is missing and start both servers. Returns what was done."""
         done: list[str] = []
+        self.check_ports()
         if not self.is_initialized(self.primary):
             self.init_primary()
             done.append("initialised primary")
@@ -221,6 +230,17 @@ class LocalCluster:
             done.append(f"started replica on 127.0.0.1:{self.replica.port}")
         self.wait_ready(self.replica)
         return done
+
+    def check_ports(self) -> None:
+        """A server already running on another port than the one asked for is an error now,
+        not a minute of waiting for it on the wrong port."""
+        for server, variable in ((self.primary, "PRIMARY_PORT"), (self.replica, "REPLICA_PORT")):
+            port = server.running_port() if self.is_running(server) else None
+            if port is not None and port != server.port:
+                raise ClusterError(
+                    f"the {server.name} under {self.base_dir} runs on 127.0.0.1:{port}, not on {variable}="
+                    f"{server.port}: unset {variable} (the ports `make up` chose are in platform.env) "
+                    f"or stop the servers first (`make down`)")
 
     def down(self) -> list[str]:
         done = []
@@ -298,13 +318,16 @@ class LocalCluster:
         """Both servers' state and the replica's replay lag in bytes and seconds."""
         result: dict = {}
         for server in (self.primary, self.replica):
+            running = self.is_running(server)
             result[server.name] = {
                 "port": server.port,
+                "running_port": server.running_port() if running else None,
                 "data_dir": str(server.data_dir),
                 "initialized": self.is_initialized(server),
-                "running": self.is_running(server),
+                "running": running,
             }
         if result["primary"]["running"] and result["replica"]["running"]:
+            self.check_ports()
             target = self.primary_lsn()
             with self.replica.connect() as conn:
                 row = conn.execute(

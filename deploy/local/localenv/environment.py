@@ -63,6 +63,7 @@ class LocalEnvironment:
             "REPLICA_URL": f"postgresql://{READONLY_ROLE}:{ro}@{host}:{r}/{APP_DB}",
             "WAREHOUSE_PG_URL": f"postgresql://{WAREHOUSE_ROLE}:{wh}@{host}:{p}/{WAREHOUSE_DB}",
             "PRIMARY_PASSWORD": owner,
+            "PRIMARY_PORT": str(p),
             "REPLICA_HOST": host,
             "REPLICA_PORT": str(r),
             "REPLICA_DB": APP_DB,

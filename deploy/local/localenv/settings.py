@@ -31,6 +31,23 @@ def _int(name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+def remembered_ports(env_file: Path) -> dict[str, int]:
+    """PRIMARY_PORT and REPLICA_PORT as the last `make up` wrote them (older files name the
+    primary's port WAREHOUSE_PG_PORT only: the pg warehouse lives on the primary)."""
+    from platform_assets.settings import env_file_values
+
+    values = env_file_values(env_file)
+    found = {"PRIMARY_PORT": values.get("PRIMARY_PORT") or values.get("WAREHOUSE_PG_PORT"),
+             "REPLICA_PORT": values.get("REPLICA_PORT")}
+    ports = {}
+    for name, raw in found.items():
+        if raw:
+            if not raw.isdigit():
+                raise SettingError(f"{name}={raw!r} in {env_file} is not a port number")
+            ports[name] = int(raw)
+    return ports
+
+
 def _end(name: str) -> datetime:
     raw = os.environ.get(name)
     if not raw:
@@ -66,8 +83,11 @@ class LocalSettings:
     @classmethod
     def from_env(cls) -> LocalSettings:
         local_dir = Path(os.environ.get("LOCAL_DIR") or REPO_ROOT / ".local").resolve()
-        primary = _int("PRIMARY_PORT", 54320, 1024)
-        replica = _int("REPLICA_PORT", 54321, 1024)
+        # The ports `make up` chose are remembered in platform.env: a later command in a shell
+        # without PRIMARY_PORT/REPLICA_PORT reaches the same servers. A variable set wins.
+        remembered = remembered_ports(local_dir / "platform.env")
+        primary = _int("PRIMARY_PORT", remembered.get("PRIMARY_PORT", 54320), 1024)
+        replica = _int("REPLICA_PORT", remembered.get("REPLICA_PORT", 54321), 1024)
         if primary == replica:
             raise SettingError(f"PRIMARY_PORT and REPLICA_PORT are both {primary}")
         return cls(
