@@ -17,6 +17,7 @@ on both sides (they are the next run's), so a live day receiving events does not
 import json
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -86,9 +87,11 @@ class DailyFacts:
     def differing(self, replica: ReplicaResource, warehouse: WarehouseResource,
                   start: date | None = None) -> list[str]:
         """Every day (from `start`, when given) whose contents differ between the replica and
-        the warehouse."""
-        return differing_days(self.replica_fingerprints(replica, start),
-                              self.warehouse_fingerprints(warehouse, start))
+        the warehouse. The two sides run at the same time: they are different engines."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            on_replica = pool.submit(self.replica_fingerprints, replica, start)
+            in_warehouse = self.warehouse_fingerprints(warehouse, start)
+            return differing_days(on_replica.result(), in_warehouse)
 
     # -- what to run -------------------------------------------------------------------------
     def requests(self, days: list[str], now: datetime | None = None) -> tuple[list[tuple[str, str]], list[str]]:
