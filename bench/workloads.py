@@ -166,6 +166,16 @@ def refresh(platform: Platform, instance: dg.DagsterInstance, cursor, progress, 
     return {"materialized": r.materialized, "cursor": cursor}
 
 
+def restore_events(conn) -> None:
+    """(d)'s source back as it was: the batches' new events (ids above the copy's newest) and
+    the copied rows go, the copy comes back, in one transaction."""
+    with conn.transaction():
+        conn.execute(f"delete from app.lesson_events where event_id > (select max(event_id) from {SAVED_EVENTS})"
+                     f" or event_id in (select event_id from {SAVED_EVENTS})")
+        conn.execute(f"insert into app.lesson_events select * from {SAVED_EVENTS}")
+        conn.execute(f"drop table {SAVED_EVENTS}")
+
+
 def remove_duckdb_file(path: Path) -> None:
     """An empty warehouse for the next repetition: the DuckDB file and its write-ahead log gone."""
     path.unlink(missing_ok=True)
@@ -348,12 +358,14 @@ class Bench:
         with self.captured():  # Dagster's own warnings go to bench.log, not between the results
             cursor = dg.evaluate_automation_conditions(defs=platform.defs, instance=instance).cursor
         with self.source.primary() as conn:
-            first_new_id = conn.execute("select coalesce(max(event_id), 0) + 1 from app.lesson_events").fetchone()[0]
             # The batches also edit and delete events of the last week (localenv/simulator.py):
-            # kept here, put back at the end, so the source keeps its scale and contents.
-            conn.execute(f"drop table if exists {SAVED_EVENTS}")
+            # kept here, put back at the end, so the source keeps its scale and contents. A copy
+            # left by an interrupted run is put back first.
+            if conn.execute("select to_regclass(%s)", (SAVED_EVENTS,)).fetchone()[0]:
+                restore_events(conn)
             conn.execute(f"create table {SAVED_EVENTS} as select * from app.lesson_events"
-                         " where occurred_at >= (now() at time zone 'utc')::timestamp - interval '8 days'")
+                         " where occurred_at >= (now() at time zone 'utc')::timestamp - interval '8 days'"
+                         " or event_id = (select max(event_id) from app.lesson_events)")
         state = {"cursor": cursor, "seed": 0}
 
         def once() -> dict[str, Any]:
@@ -390,11 +402,8 @@ class Bench:
                 reps.append(rep)
         finally:
             # Keep the scale: the benchmark's own new events leave the source again.
-            with self.source.primary() as conn, conn.transaction():
-                conn.execute("delete from app.lesson_events where event_id >= %s"
-                             f" or event_id in (select event_id from {SAVED_EVENTS})", (first_new_id,))
-                conn.execute(f"insert into app.lesson_events select * from {SAVED_EVENTS}")
-                conn.execute(f"drop table {SAVED_EVENTS}")
+            with self.source.primary() as conn:
+                restore_events(conn)
             self.source.local.cluster.wait_for_replay(timeout=600)
         entry = _record(self.results, "d", "incremental refresh through Dagster after a ~1% batch "
                         "(new and late events, edits, deletes)", reps, new_events)
