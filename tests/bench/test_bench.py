@@ -38,12 +38,15 @@ def test_benchmark_writes_results_table_chart_and_doc(pg_env, tmp_path, monkeypa
     assert written["id"] == results["id"]
     assert written["config"]["select"] == SELECT
     assert not written.get("errors"), written["errors"]
-    assert set(written["measurements"]) == {"a", "b", "c", "d"}
+    # f, the change detection alone, comes with d
+    assert set(written["measurements"]) == {"a", "b", "c", "d", "f"}
     for key, m in written["measurements"].items():
         assert MEASUREMENT_FIELDS <= set(m), key
         assert m["repetitions"] == 1 and len(m["per_repetition"]) == 1
         assert m["peak_rss_bytes"] > 0
-    a, b, c, d = (written["measurements"][k] for k in "abcd")
+    a, b, c, d, f = (written["measurements"][k] for k in "abcdf")
+    # f times the comparison after (d) has put the source back, so days differ there by design
+    assert f["per_repetition"][0]["days"] > 0 and f["per_repetition"][0]["replica_s"] > 0
     # (a) built every dbt asset, (b) and (c) ran the same models, no test failed anywhere.
     assert a["per_repetition"][0]["assets_materialized"] > 0
     assert a["per_repetition"][0]["dbt_invocations"] >= 2 and not a["per_repetition"][0]["failed"]
@@ -68,7 +71,7 @@ def test_benchmark_writes_results_table_chart_and_doc(pg_env, tmp_path, monkeypa
         # the batch's edits and deletes were put back too
         assert conn.execute("select md5(string_agg(e::text, ',' order by event_id))"
                             " from app.lesson_events e").fetchone()[0] == checksum_before
-    assert set(written["ratios"]) == {"a/b", "a/c", "d/a"}
+    assert set(written["ratios"]) == {"a/b", "a/c", "d/a", "f/a"}
     assert {"a/b", "a/c", "d/a", "full refresh wall (s)", "peak RSS (GiB)"} == set(written["targets"])
     assert written["machine"]["cpu_count"] and written["machine"]["memory_bytes"]
 

@@ -96,9 +96,11 @@ class Runner:
         self.failed_checks = [c for c in self.failed_checks if c.check_name != MATCHES_REPLICA_CHECK]
         return bool(failed)
 
-    def daily_ranges(self, ranges: list[tuple[str, str]]) -> None:
+    def daily_ranges(self, ranges: list[tuple[str, str]], keys: set[dg.AssetKey] | None = None) -> None:
+        """Run the daily facts (of `keys`, when given) over each range."""
+        facts = self.daily_keys if keys is None else self.daily_keys & keys
         for first, last in ranges:
-            self.subset(f"daily facts {first}..{last} (changed)", self.daily_keys,
+            self.subset(f"daily facts {first}..{last} (changed)", facts,
                         tags={PARTITION_RANGE_START: first, PARTITION_RANGE_END: last})
 
     def subset(self, label: str, keys: set[dg.AssetKey], tags: dict | None = None) -> None:
@@ -136,9 +138,11 @@ class Runner:
         return {k for k in self.all_keys if self.instance.get_latest_materialization_event(k) is None}
 
 
-def run_all(platform, instance: dg.DagsterInstance, progress=print, full_refresh: bool = False) -> dict:
+def run_all(platform, instance: dg.DagsterInstance, progress=print, full_refresh: bool = False,
+            consumers: bool = True) -> dict:
     """Materialize every asset once (platform: platform_assets.assembly.Platform); with
-    `full_refresh`, every dbt model rebuilt in full (run tag platform/full_refresh)."""
+    `full_refresh`, every dbt model rebuilt in full (run tag platform/full_refresh); without
+    `consumers`, the dbt assets only (no exports, no dashboards)."""
     started = time.monotonic()
     refresh_tags = {FULL_REFRESH_TAG: "true"} if full_refresh else {}
     r = Runner(platform, instance, progress)
@@ -158,6 +162,8 @@ def run_all(platform, instance: dg.DagsterInstance, progress=print, full_refresh
     r.subset("staging, dimensions, snapshots", before_daily, tags=refresh_tags)
     r.subset(f"daily facts {start}..{last} and what reads them", r.daily_keys | after_daily,
              tags={PARTITION_RANGE_START: start, PARTITION_RANGE_END: last, **refresh_tags})
+    if not consumers:
+        return {"materialized": r.materialized, "expected": r.all_keys, "seconds": time.monotonic() - started}
     # The consumers: every company's export in one run, and the dashboards over the marts.
     r.sync_companies()
     r.exports(instance.get_dynamic_partitions(platform.exports.asset.partitions_def.name))
@@ -185,7 +191,7 @@ def automation_cycle(r: Runner, instance: dg.DagsterInstance, cursor, keys: set[
         # its run did not fix (the check compares each run's days itself).
         compare = (keys is None or bool(keys & r.daily_keys)) and (tick == 0 or r.unmatched_days())
         ranges = r.changed_days() if compare else []
-        r.daily_ranges(ranges)
+        r.daily_ranges(ranges, keys)
         if not requested and not ranges:
             break
     return cursor
