@@ -304,7 +304,8 @@ def main() -> int:
           " -> dashboards and exports)"
           "\n  groups `dashboards` (one asset per dbt exposure, kind metabase) and `exports`"
           " (exports/company_training_report, one partition per company):"
-          "\n  http://127.0.0.1:3000/asset-groups/dashboards  and  http://127.0.0.1:3000/asset-groups/exports")
+          "\n  http://127.0.0.1:3000/locations/platform_assets/asset-groups/dashboards  and"
+          "  http://127.0.0.1:3000/locations/platform_assets/asset-groups/exports")
     return 1 if missing else 0
 
 
