@@ -21,7 +21,7 @@ from typing import Any
 
 import dagster as dg
 from dagster_dbt import build_dbt_asset_selection
-from localenv.demo import PARTITION_RANGE_END, PARTITION_RANGE_START, Runner, automation_cycle
+from localenv.demo import PARTITION_RANGE_END, PARTITION_RANGE_START, Runner, automation_cycle, evaluate_automation
 from localenv.environment import WAREHOUSE_DB
 from localenv.simulator import simulate
 
@@ -356,7 +356,7 @@ class Bench:
         replica (not timed), then what the automation sensors do (timed)."""
         new_events = max(1, round(self.source.events * self.config.incremental_fraction))
         with self.captured():  # Dagster's own warnings go to bench.log, not between the results
-            cursor = dg.evaluate_automation_conditions(defs=platform.defs, instance=instance).cursor
+            cursor = evaluate_automation(platform.defs, instance).cursor
         with self.source.primary() as conn:
             # The batches also edit and delete events of the last week (localenv/simulator.py):
             # kept here, put back at the end, so the source keeps its scale and contents. A copy

@@ -23,9 +23,10 @@ from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtC
 from dagster_dbt.errors import DagsterDbtCliRuntimeError
 
 from .automation import automation_for
+from .changes import quoted
 from .dbt_project import prune_run_folders, run_target_path
 from .preflight import explain_dbt_failure, redact
-from .resources import ReplicaResource, WarehouseResource, run_preflight
+from .resources import ReplicaResource, WarehouseResource, run_preflight, sql_literal
 from .settings import PlatformSettings
 
 DAILY_SELECT = "tag:daily_partitioned"
@@ -165,8 +166,11 @@ def _dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: DbtPro
     target = run_target_path(project, context)
     invocation = dbt.cli(args, context=context, target_path=target)
     built: set[dg.AssetKey] = set()
+    events = _stream(invocation, context, warehouse)
+    if context.assets_def.partitions_def is not None:
+        events = _partition_row_counts(events, invocation, context, warehouse)
     try:
-        for event in _explain_replica_failure(_stream(invocation, context, warehouse), invocation, context, replica):
+        for event in _explain_replica_failure(events, invocation, context, replica):
             if isinstance(event, dg.Output):
                 built.add(context.asset_key_for_output(event.output_name))
             elif isinstance(event, dg.AssetMaterialization):
@@ -275,6 +279,40 @@ def _stream(invocation, context: dg.AssetExecutionContext, warehouse: WarehouseR
         yield event
     if error is not None:
         raise error
+
+
+def _partition_row_counts(events: Iterator, invocation, context: dg.AssetExecutionContext,
+                          warehouse: WarehouseResource) -> Iterator:
+    """Each day's own `dagster/row_count` on a daily fact's materializations. One output covers
+    the run's whole range and counts the whole table; the partition-scoped metadata added here
+    (one grouped count over the range, by the model's meta `partition_day_column`) takes
+    precedence for each day."""
+    if not context.has_partition_key_range:
+        yield from events
+        return
+    nodes = {dg.AssetKey([layer_of(n), n["name"]]): n for n in invocation.manifest["nodes"].values()
+             if n["resource_type"] == "model"}
+    window = context.partition_time_window
+    days = context.partition_keys
+    for event in events:
+        key = context.asset_key_for_output(event.output_name) if isinstance(event, dg.Output) else None
+        node = nodes.get(key)
+        column = (((node or {}).get("config") or {}).get("meta") or {}).get("partition_day_column")
+        if node is not None and column:
+            table = quoted(node["schema"], node.get("alias") or node["name"])
+            rows = warehouse.fetch(
+                f"select cast({quoted_column(column)} as date), count(*) from {table}"
+                f" where {quoted_column(column)} >= {sql_literal(window.start.strftime('%Y-%m-%d'))}"
+                f" and {quoted_column(column)} < {sql_literal(window.end.strftime('%Y-%m-%d'))} group by 1")
+            counts = {str(day)[:10]: int(n) for day, n in rows}
+            for day in days:
+                context.add_asset_metadata({"dagster/row_count": dg.MetadataValue.int(counts.get(day, 0))},
+                                           asset_key=key, partition_key=day)
+        yield event
+
+
+def quoted_column(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 _SOURCE_CALL = re.compile(r"source\(\s*['\"]([^'\"]+)['\"]\s*,\s*['\"]([^'\"]+)['\"]\s*\)")

@@ -19,6 +19,7 @@ from typing import Any
 
 import dagster as dg
 
+from .beta import chosen_beta
 from .export_writers import (
     DATA_AS_OF,
     INPUT_MODELS,
@@ -112,20 +113,6 @@ def build_exports(settings: PlatformSettings, manifest: Mapping[str, Any], pool:
     input_keys = [dg.AssetKey(["marts", name]) for name in INPUT_MODELS]
     run_tags = dict(run_tags or {})
 
-    @dg.asset(
-        key=EXPORT_KEY,
-        group_name=EXPORTS_GROUP,
-        partitions_def=COMPANIES,
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        deps=input_keys,
-        kinds={settings.engine, "parquet", "csv"},
-        owners=["analytics@example.com"],
-        tags={"layer": "exports"},
-        pool=pool,
-        op_tags=run_tags,
-        description="Each client company's training report (one row per enrollment), as Parquet "
-        "and CSV under <EXPORT_URI>/company_id=<id>/; replaced atomically on every run.",
-    )
     def company_training_report(context: dg.AssetExecutionContext,
                                 warehouse: WarehouseResource) -> dg.MaterializeResult:
         as_of, as_of_source = data_as_of(context.instance, input_keys)
@@ -165,6 +152,22 @@ def build_exports(settings: PlatformSettings, manifest: Mapping[str, Any], pool:
             metadata["dagster/row_count"] = results[0].rows
             metadata["files"] = dg.MetadataValue.json(list(results[0].files))
         return dg.MaterializeResult(metadata=metadata)
+
+    with chosen_beta("backfill_policy"):
+        report = dg.asset(
+            key=EXPORT_KEY,
+            group_name=EXPORTS_GROUP,
+            partitions_def=COMPANIES,
+            backfill_policy=dg.BackfillPolicy.single_run(),
+            deps=input_keys,
+            kinds={settings.engine, "parquet", "csv"},
+            owners=["analytics@example.com"],
+            tags={"layer": "exports"},
+            pool=pool,
+            op_tags=run_tags,
+            description="Each client company's training report (one row per enrollment), as Parquet "
+            "and CSV under <EXPORT_URI>/company_id=<id>/; replaced atomically on every run.",
+        )(company_training_report)
 
     job = dg.define_asset_job(
         EXPORTS_JOB,
@@ -213,6 +216,6 @@ def build_exports(settings: PlatformSettings, manifest: Mapping[str, Any], pool:
         return dg.RunRequest(run_key=f"nightly-exports-{context.scheduled_execution_time:%Y-%m-%d}",
                              tags={**run_tags, **range_tags(keys)})
 
-    return Exports(asset=company_training_report, job=job, sensor=company_partitions,
+    return Exports(asset=report, job=job, sensor=company_partitions,
                    schedule=customer_exports_nightly, relations=relations)
 

@@ -23,6 +23,7 @@ from typing import Any
 import dagster as dg
 from psycopg import sql
 
+from .beta import chosen_beta
 from .resources import LAG_QUERY, ReplicaResource
 
 FEDERATED_GROUP = "federated"
@@ -86,6 +87,13 @@ def observe_query(tables: list[FederatedTable]) -> sql.Composed:
     )
 
 
+def latest_data_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
+    """The data version of the source's latest recorded observation, if any."""
+    records = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=key), limit=1).records
+    observation = records[0].asset_observation if records else None
+    return observation.data_version if observation else None
+
+
 def data_version(row_count: int, contents: str) -> str:
     return hashlib.sha256(f"{row_count}|{contents}".encode()).hexdigest()[:20]
 
@@ -108,12 +116,6 @@ def build_federated_sources(
         for t in tables
     ]
 
-    @dg.multi_observable_source_asset(
-        name="federated_sources",
-        specs=specs,
-        can_subset=True,
-        description="Observes the replica's tables: one query per observation, no dbt.",
-    )
     def federated_sources(context: dg.AssetExecutionContext, replica: ReplicaResource):
         selected = [by_key[k] for k in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string())]
         with replica.connect() as conn:
@@ -136,10 +138,16 @@ def build_federated_sources(
             if max_lag_seconds is not None:
                 metadata["max_replica_lag_seconds"] = dg.MetadataValue.float(max_lag_seconds)
                 metadata["replica_lag_exceeded"] = dg.MetadataValue.bool(lagging)
-            yield dg.ObserveResult(
-                asset_key=t.key,
-                data_version=dg.DataVersion(data_version(count, contents if t.content_hash else watermark)),
-                metadata=metadata,
-            )
+            version = data_version(count, contents if t.content_hash else watermark)
+            if not lagging and version == latest_data_version(context.instance, t.key):
+                continue
+            yield dg.ObserveResult(asset_key=t.key, data_version=dg.DataVersion(version), metadata=metadata)
 
-    return federated_sources, tables
+    with chosen_beta("multi_observable_source_asset"):
+        asset = dg.multi_observable_source_asset(
+            name="federated_sources",
+            specs=specs,
+            can_subset=True,
+            description="Observes the replica's tables: one query per observation, no dbt.",
+        )(federated_sources)
+    return asset, tables

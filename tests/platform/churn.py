@@ -26,12 +26,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import dagster as dg
 import psycopg
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from localenv.demo import Runner, automation_cycle, run_all
+from localenv.demo import Runner, automation_cycle, evaluate_automation, run_all
 from localenv.environment import APP_DB, OWNER_ROLE, READONLY_ROLE, WAREHOUSE_ROLE
 from psycopg import sql
 
@@ -262,7 +261,7 @@ class Churn:
     def __init__(self, put, pg_env, schema: str, reference: dict[str, str]):
         self.put, self.pg_env, self.schema, self.reference = put, pg_env, schema, reference
         self.runner = Runner(put.platform, put.instance, progress=lambda _m: None)
-        self.cursor = dg.evaluate_automation_conditions(defs=put.defs, instance=put.instance).cursor
+        self.cursor = evaluate_automation(put.defs, put.instance).cursor
         manifest = put.platform.manifest
         self.relations = sorted(
             (n["schema"], n.get("alias") or n["name"]) for n in manifest["nodes"].values()

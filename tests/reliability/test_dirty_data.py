@@ -64,7 +64,7 @@ def _tolerant_runner(runs: list[_Run]):
     """demo.Runner that records every run and goes on past a failed one (run_all stops)."""
 
     class TolerantRunner(demo.Runner):
-        def run(self, label: str, job: dg.JobDefinition, tags: dict | None = None) -> None:
+        def run(self, label: str, job: dg.JobDefinition, tags: dict | None = None, planned=frozenset()) -> None:
             result = job.execute_in_process(
                 instance=self.instance, tags=tags or {}, raise_on_error=False, run_config=QUIET,
             )

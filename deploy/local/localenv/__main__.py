@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import time
@@ -52,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         env = LocalEnvironment(settings)
         if args.command == "up":
             result = env.up()
-            for line in result["done"] or ["already up: nothing to do"]:
-                print(f"  {line}")
-            print(f"up in {result['seconds']}s; settings in {settings.env_file}")
+            servers = (f"primary 127.0.0.1:{env.cluster.primary.port}, "
+                       f"streaming replica 127.0.0.1:{env.cluster.replica.port}")
+            if result["done"]:
+                print(f"up in {result['seconds']}s: {servers}; settings in {settings.env_file}")
+                print("  " + ", ".join(re.sub(r" on 127\.0\.0\.1:\d+$", "", d) for d in result["done"]))
+            else:
+                print(f"already up: nothing to do ({servers}; settings in {settings.env_file})")
             return 0
         if args.command == "down":
             for line in env.cluster.down() or ["nothing running"]:
@@ -77,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "summary":
             counts = env.replica_counts()
-            print("rows read from the replica (read-only role):")
-            for table, n in counts.items():
-                print(f"  app.{table:<18} {n:>12,}")
+            print(f"replica: {len(counts)} tables, {sum(counts.values()):,} rows read through the read-only role "
+                  f"({counts.get('lesson_events', 0):,} lesson events)")
             return 0
         if args.command == "clean":
             if settings.pg_dir.exists():
