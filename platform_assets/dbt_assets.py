@@ -24,7 +24,7 @@ from dagster_dbt.errors import DagsterDbtCliRuntimeError
 
 from .automation import automation_for
 from .changes import quoted
-from .dbt_project import prune_run_folders, run_target_path
+from .dbt_project import PARSE_STATE, keep_parse_state, prune_run_folders, run_target_path, state_flag_path
 from .preflight import explain_dbt_failure, redact
 from .resources import ReplicaResource, WarehouseResource, run_preflight, sql_literal
 from .settings import PlatformSettings
@@ -178,6 +178,7 @@ def _dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: DbtPro
             yield event
     finally:
         stop_dbt(invocation.process, context.log)
+        keep_command_state(dbt, target, context.log)
     missing = sorted(set(context.selected_asset_keys) - built, key=lambda key: key.to_user_string())
     if missing:
         message = unbuilt_message(missing, target)
@@ -187,6 +188,18 @@ def _dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: DbtPro
         prune_run_folders(target.parent)
     except OSError as exc:  # housekeeping: never fails a run that succeeded
         context.log.warning(f"could not remove old dbt run folders under {target.parent}: {exc}")
+
+
+def keep_command_state(dbt: DbtCliResource, target: Path, log) -> None:
+    """The parse state this command wrote becomes its profile's (dbt_project.py): the next
+    command starts from it instead of parsing the whole project again."""
+    kept, written = state_flag_path(dbt), target / PARSE_STATE
+    if kept is None or not written.exists():
+        return
+    try:
+        keep_parse_state(kept, written)
+    except OSError as exc:  # housekeeping: the next command parses in full, nothing else
+        log.warning(f"could not keep dbt's parse state {written} as {kept}: {exc}")
 
 
 def stop_dbt(process: subprocess.Popen, log, grace_seconds: float = 10) -> None:

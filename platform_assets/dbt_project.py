@@ -2,14 +2,22 @@
 
 One resolved environment feeds both the parsed manifest and the dbt resource, so the graph
 that is parsed is the graph that runs. Each environment parses into its own target folder
-(`target/<env>`), whose partial-parse state every dbt command of the environment starts
-from (dbt's `--partial-parse-file-path`): dbt's own partial parsing, nothing kept by hand. dbt
-uses it only with the connection settings it was parsed with (in production the image parses
-with placeholders, so there each command parses the project itself).
+(`target/<env>`). Every dbt command starts from a partial-parse state (dbt's
+`--partial-parse-file-path`), which dbt uses only with the connection settings it was
+parsed with (dbt's "profile has changed": a full parse, ~5 s, on every command). So the
+state is kept per connection profile, `target/<env>/parse-states/<key>.msgpack`, the key a
+hash of the variables profiles.yml reads: seeded by the preparation, then replaced after
+each successful command by the state dbt wrote in that command's run folder. Two
+deployments of one environment (another DUCKDB_PATH, the tests' warehouses) no longer make
+each other's commands parse in full. In production the image's state was parsed with
+placeholders; the first command of a task parses and keeps the state for the next ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import shutil
 import sys
 import time
@@ -28,6 +36,9 @@ PROJECT_FILES = ("dbt_project.yml", "profiles.yml", "packages.yml")
 # dagster-dbt gives every dbt command a run folder and never removes it (about 3 MB each).
 KEPT_RUN_FOLDERS = 50
 RUN_FOLDER_MIN_AGE_S = 3600
+# parse states (about 1 MB each) of the most recently used connection profiles
+KEPT_PARSE_STATES = 20
+PARSE_STATE = "partial_parse.msgpack"
 
 
 def project_for(settings: PlatformSettings) -> DbtProject:
@@ -49,12 +60,45 @@ def dbt_project_for(settings: PlatformSettings) -> DbtProject:
         project.preparer.prepare(project)
     else:
         project.prepare_if_dev()
+    prepared, kept = prepared_state_path(project), parse_state_path(project)
+    if not kept.exists() and prepared.exists():
+        keep_parse_state(kept, prepared)
     return project
 
 
-def parse_state_path(project: DbtProject) -> Path:
+def prepared_state_path(project: DbtProject) -> Path:
     """The partial-parse state the preparation's `dbt parse` saved."""
-    return Path(project.project_dir) / project.target_path / "partial_parse.msgpack"
+    return Path(project.project_dir) / project.target_path / PARSE_STATE
+
+
+def profile_key() -> str:
+    """A hash of the values of the variables profiles.yml reads (connection settings)."""
+    names = sorted(set(re.findall(r"env_var\(\s*['\"](\w+)['\"]", (DBT_PROJECT_DIR / "profiles.yml").read_text())))
+    values = "\n".join(f"{name}={os.environ.get(name, '')}" for name in names)
+    return hashlib.sha256(values.encode()).hexdigest()[:16]
+
+
+def parse_state_path(project: DbtProject) -> Path:
+    """This connection profile's partial-parse state (module docstring)."""
+    return Path(project.project_dir) / project.target_path / "parse-states" / f"{profile_key()}.msgpack"
+
+
+def keep_parse_state(target: Path, state: Path) -> None:
+    """Make `state` (one dbt wrote with this process's profile) the profile's parse state
+    `target`: an atomic replace (a dbt command reading it sees the old file or the new one),
+    then only the most recently kept states stay beside it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+    shutil.copyfile(state, partial)
+    os.replace(partial, target)
+    states = []
+    for path in target.parent.glob("*.msgpack"):
+        try:
+            states.append((path.stat().st_mtime, path))
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+    for _, old in sorted(states, reverse=True)[KEPT_PARSE_STATES:]:
+        old.unlink(missing_ok=True)
 
 
 def manifest_is_stale(project: DbtProject) -> bool:
@@ -64,7 +108,7 @@ def manifest_is_stale(project: DbtProject) -> bool:
         parsed = project.manifest_path.stat().st_mtime
     except FileNotFoundError:
         return True
-    if not parse_state_path(project).exists():
+    if not prepared_state_path(project).exists():
         return True
     root = Path(project.project_dir)
     paths = [root / name for name in PROJECT_FILES]
@@ -80,17 +124,22 @@ def manifest_is_stale(project: DbtProject) -> bool:
 
 
 def dbt_resource(project: DbtProject) -> DbtCliResource:
-    """dagster-dbt's resource for this project; every command starts from the preparation's
-    parse state (if there is one), so an unchanged project is not parsed again by each command
-    run with the connection settings it was parsed with (dbt parses in full otherwise)."""
-    state = parse_state_path(project)
+    """dagster-dbt's resource for this project; every command starts from this connection
+    profile's parse state (a missing one is a full parse, which dbt reports and does)."""
     return DbtCliResource(
         project_dir=project,
         profiles_dir=str(project.profiles_dir),
         target=project.target,
         dbt_executable=DBT_EXECUTABLE,
-        global_config_flags=["--partial-parse-file-path", str(state)] if state.exists() else [],
+        global_config_flags=["--partial-parse-file-path", str(parse_state_path(project))],
     )
+
+
+def state_flag_path(dbt: DbtCliResource) -> Path | None:
+    """The parse state the resource's commands start from (its --partial-parse-file-path)."""
+    flags = list(dbt.global_config_flags or [])
+    i = flags.index("--partial-parse-file-path") if "--partial-parse-file-path" in flags else -1
+    return Path(flags[i + 1]) if 0 <= i < len(flags) - 1 else None
 
 
 def run_target_path(project: DbtProject, context) -> Path:

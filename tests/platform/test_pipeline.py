@@ -90,6 +90,20 @@ def _warehouse_rows(put, sql: str) -> list[tuple]:
         return conn.execute(sql).fetchall()
 
 
+def test_dbt_commands_after_the_first_parse_partially(built):
+    """run_all's dbt commands start from their connection profile's parse state: after the
+    first command of this environment, none parses the whole project again."""
+    from pathlib import Path
+
+    runs = Path(built.platform.project.project_dir) / built.platform.project.target_path / "runs"
+    ids = [r.dagster_run.run_id[:7] for r in built.instance.get_run_records()]
+    logs = [log for run_id in ids for log in runs.glob(f"*-{run_id}-*/dbt.log")]
+    assert len(logs) >= 2, logs
+    newest = max(logs, key=lambda p: p.stat().st_mtime)
+    text = newest.read_text()
+    assert "Unable to do partial parsing" not in text and "Starting full parse" not in text, text[-3000:]
+
+
 def test_each_partition_counts_its_own_day(built):
     """dagster/row_count of a daily fact's partition is that day's rows, not the table's."""
     for name, column in (("fct_lesson_events", "event_date"), ("fct_daily_learning_activity", "activity_date")):

@@ -119,7 +119,7 @@ def test_the_manifest_is_stale_after_any_project_file_changes(tmp_path):
 
     from dagster_dbt import DbtProject
 
-    from platform_assets.dbt_project import manifest_is_stale, parse_state_path
+    from platform_assets.dbt_project import manifest_is_stale, prepared_state_path
 
     (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
     (tmp_path / "models").mkdir()
@@ -130,14 +130,14 @@ def test_the_manifest_is_stale_after_any_project_file_changes(tmp_path):
     def parsed_now():
         project.manifest_path.parent.mkdir(parents=True, exist_ok=True)
         project.manifest_path.write_text("{}")
-        parse_state_path(project).write_bytes(b"state")
+        prepared_state_path(project).write_bytes(b"state")
         later = time.time() + 5
         os.utime(project.manifest_path, (later, later))
         return later
 
     parsed_now()
     assert not manifest_is_stale(project)
-    parse_state_path(project).unlink()
+    prepared_state_path(project).unlink()
     assert manifest_is_stale(project)
     for change in (lambda: (tmp_path / "models" / "b.sql").write_text("select 2 as b"),
                    lambda: (tmp_path / "models" / "a.sql").write_text("select 3 as a"),
@@ -178,3 +178,33 @@ def test_old_run_folders_are_pruned_but_never_recent_ones(tmp_path):
     assert prune_run_folders(tmp_path, keep=0, min_age_s=10 * 3600) == []
 
 
+
+
+def test_parse_states_are_per_connection_profile(tmp_path, monkeypatch):
+    """Each connection profile (the values of the variables profiles.yml reads) has its own
+    parse state: another warehouse path is another state, a replaced state is atomic, and
+    only the most recently used states are kept."""
+    from dagster_dbt import DbtProject
+
+    from platform_assets.dbt_project import KEPT_PARSE_STATES, keep_parse_state, parse_state_path
+
+    (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
+    project = DbtProject(project_dir=tmp_path, target_path="target/local")
+    monkeypatch.setenv("DUCKDB_PATH", "/a/warehouse.duckdb")
+    first = parse_state_path(project)
+    monkeypatch.setenv("DBT_ENV_SECRET_UNRELATED", "x")  # not read by profiles.yml
+    assert parse_state_path(project) == first
+    monkeypatch.setenv("DUCKDB_PATH", "/b/warehouse.duckdb")
+    second = parse_state_path(project)
+    assert second != first and second.parent == first.parent
+
+    written = tmp_path / "written.msgpack"
+    for i in range(KEPT_PARSE_STATES + 3):
+        written.write_bytes(f"state {i}".encode())
+        target = first.with_name(f"profile-{i:02d}.msgpack")
+        keep_parse_state(target, written)
+        os.utime(target, (1_000_000 + i, 1_000_000 + i))
+    kept = sorted(p.name for p in first.parent.iterdir())
+    assert kept == [f"profile-{i:02d}.msgpack" for i in range(3, KEPT_PARSE_STATES + 3)]
+    assert (first.parent / f"profile-{KEPT_PARSE_STATES + 2:02d}.msgpack").read_bytes() == \
+        f"state {KEPT_PARSE_STATES + 2}".encode()
