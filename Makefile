@@ -68,7 +68,7 @@ dagster-home:
 
 # DEMO_STARTED: the demo's summary reports the wall time of the whole target, `make up` included.
 demo: $(STAMP) ## the main job on the embedded default (DuckDB): every asset once
-	@export DEMO_STARTED=$$(date +%s.%N) && $(PY) -m localenv up && $(PY) -m localenv summary \
+	@export DEMO_STARTED=$$($(PY) -c 'import time; print(time.time())') && $(PY) -m localenv up && $(PY) -m localenv summary \
 		&& mkdir -p $(DAGSTER_HOME_DIR) && cp dagster.yaml $(DAGSTER_HOME_DIR)/dagster.yaml \
 		&& DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m localenv.demo
 

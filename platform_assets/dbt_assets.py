@@ -24,7 +24,7 @@ from dagster_dbt.errors import DagsterDbtCliRuntimeError
 
 from .automation import automation_for
 from .changes import quoted
-from .dbt_project import PARSE_STATE, keep_parse_state, prune_run_folders, run_target_path, state_flag_path
+from .dbt_project import PARSE_STATE, keep_parse_state, parse_state_path, prune_run_folders, run_target_path
 from .preflight import explain_dbt_failure, redact
 from .resources import ReplicaResource, WarehouseResource, run_preflight, sql_literal
 from .settings import PlatformSettings
@@ -178,7 +178,7 @@ def _dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: DbtPro
             yield event
     finally:
         stop_dbt(invocation.process, context.log)
-        keep_command_state(dbt, target, context.log)
+        keep_command_state(project, target, context.log)
     missing = sorted(set(context.selected_asset_keys) - built, key=lambda key: key.to_user_string())
     if missing:
         message = unbuilt_message(missing, target)
@@ -190,11 +190,12 @@ def _dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: DbtPro
         context.log.warning(f"could not remove old dbt run folders under {target.parent}: {exc}")
 
 
-def keep_command_state(dbt: DbtCliResource, target: Path, log) -> None:
-    """The parse state this command wrote becomes its profile's (dbt_project.py): the next
-    command starts from it instead of parsing the whole project again."""
-    kept, written = state_flag_path(dbt), target / PARSE_STATE
-    if kept is None or not written.exists():
+def keep_command_state(project: DbtProject, target: Path, log) -> None:
+    """The parse state this command wrote (dbt writes it once parsing is done, whatever the
+    build's outcome) becomes its profile's (dbt_project.py): the next command starts from it
+    instead of parsing the whole project again. A state dbt cannot read costs one full parse."""
+    kept, written = parse_state_path(project), target / PARSE_STATE
+    if not written.exists():
         return
     try:
         keep_parse_state(kept, written)
@@ -300,7 +301,7 @@ def _partition_row_counts(events: Iterator, invocation, context: dg.AssetExecuti
     the run's whole range and counts the whole table; the partition-scoped metadata added here
     (one grouped count over the range, by the model's meta `partition_day_column`) takes
     precedence for each day."""
-    if not context.has_partition_key_range:
+    if not has_partitions(context):
         yield from events
         return
     nodes = {dg.AssetKey([layer_of(n), n["name"]]): n for n in invocation.manifest["nodes"].values()
@@ -313,15 +314,26 @@ def _partition_row_counts(events: Iterator, invocation, context: dg.AssetExecuti
         column = (((node or {}).get("config") or {}).get("meta") or {}).get("partition_day_column")
         if node is not None and column:
             table = quoted(node["schema"], node.get("alias") or node["name"])
-            rows = warehouse.fetch(
-                f"select cast({quoted_column(column)} as date), count(*) from {table}"
-                f" where {quoted_column(column)} >= {sql_literal(window.start.strftime('%Y-%m-%d'))}"
-                f" and {quoted_column(column)} < {sql_literal(window.end.strftime('%Y-%m-%d'))} group by 1")
+            try:
+                rows = warehouse.fetch(
+                    f"select cast({quoted_column(column)} as date), count(*) from {table}"
+                    f" where {quoted_column(column)} >= {sql_literal(window.start.strftime('%Y-%m-%d'))}"
+                    f" and {quoted_column(column)} < {sql_literal(window.end.strftime('%Y-%m-%d'))} group by 1")
+            except Exception as exc:  # noqa: BLE001 - metadata: never fails a build that succeeded
+                context.log.warning(f"per-day row counts of {key.to_user_string()} not recorded: {exc}")
+                yield event
+                continue
             counts = {str(day)[:10]: int(n) for day, n in rows}
             for day in days:
                 context.add_asset_metadata({"dagster/row_count": dg.MetadataValue.int(counts.get(day, 0))},
                                            asset_key=key, partition_key=day)
         yield event
+
+
+def has_partitions(context: dg.AssetExecutionContext) -> bool:
+    """A run of one partition (tag dagster/partition: the UI, a job backfill's run per day)
+    or of a range (the range tags: single-run backfills, the changes sensor)."""
+    return context.has_partition_key or context.has_partition_key_range
 
 
 def quoted_column(name: str) -> str:
@@ -383,7 +395,7 @@ def build_dbt_assets(project: DbtProject, settings: PlatformSettings,
         # A run of the checks alone (no asset selected) has no partition: tests only.
         if full_refresh:
             context.log.info("full refresh (run tag): every day rebuilt, whatever the partitions of the run")
-        elif context.has_partition_key_range:
+        elif has_partitions(context):
             window = (context.partition_time_window.start, context.partition_time_window.end)
             context.log.info(f"dbt window [{window[0]}, {window[1]}) for {context.partition_key_range}")
         yield from _dbt(context, dbt, project, build_args("build", window, indirect_selection=None,

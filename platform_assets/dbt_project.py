@@ -6,8 +6,9 @@ that is parsed is the graph that runs. Each environment parses into its own targ
 `--partial-parse-file-path`), which dbt uses only with the connection settings it was
 parsed with (dbt's "profile has changed": a full parse, ~5 s, on every command). So the
 state is kept per connection profile, `target/<env>/parse-states/<key>.msgpack`, the key a
-hash of the variables profiles.yml reads: seeded by the preparation, then replaced after
-each successful command by the state dbt wrote in that command's run folder. Two
+hash of the connection variables profiles.yml reads (passwords left out, as dbt leaves
+them out of its own check): seeded by the preparation, then replaced after each command by
+the state dbt wrote in that command's run folder. Two
 deployments of one environment (another DUCKDB_PATH, the tests' warehouses) no longer make
 each other's commands parse in full. In production the image's state was parsed with
 placeholders; the first command of a task parses and keeps the state for the next ones.
@@ -57,13 +58,29 @@ def dbt_project_for(settings: PlatformSettings) -> DbtProject:
     newer than the manifest. prod loads the manifest `prepare-and-package` built into the image."""
     project = project_for(settings)
     if settings.env != "prod" and manifest_is_stale(project):
-        project.preparer.prepare(project)
+        prepare(project)
     else:
         project.prepare_if_dev()
-    prepared, kept = prepared_state_path(project), parse_state_path(project)
+    # dbt refuses a --partial-parse-file-path that does not exist: a profile seen for the
+    # first time starts from the preparation's state (another profile's, perhaps: then its
+    # first command parses in full, and its own state replaces this one).
+    kept, prepared = parse_state_path(project), prepared_state_path(project)
     if not kept.exists() and prepared.exists():
-        keep_parse_state(kept, prepared)
+        try:
+            keep_parse_state(kept, prepared)
+        except OSError:
+            pass
     return project
+
+
+def prepare(project: DbtProject) -> None:
+    """dagster-dbt's preparation (`dbt parse` into the environment's target folder), whose
+    parse state, made with this process's settings, becomes their profile's."""
+    project.preparer.prepare(project)
+    try:
+        keep_parse_state(parse_state_path(project), prepared_state_path(project))
+    except OSError:  # the first command parses in full and keeps its own state
+        pass
 
 
 def prepared_state_path(project: DbtProject) -> Path:
@@ -71,9 +88,16 @@ def prepared_state_path(project: DbtProject) -> Path:
     return Path(project.project_dir) / project.target_path / PARSE_STATE
 
 
+# Variables left out of the key: credentials change no parse, and a hash of them in a file
+# name would be something to test password guesses against.
+_NOT_IN_KEY = re.compile(r"PASSWORD|SECRET|TOKEN")
+
+
 def profile_key() -> str:
-    """A hash of the values of the variables profiles.yml reads (connection settings)."""
-    names = sorted(set(re.findall(r"env_var\(\s*['\"](\w+)['\"]", (DBT_PROJECT_DIR / "profiles.yml").read_text())))
+    """A hash of the values of the connection variables profiles.yml reads."""
+    names = sorted({name for name in re.findall(r"env_var\(\s*['\"](\w+)['\"]",
+                                                 (DBT_PROJECT_DIR / "profiles.yml").read_text())
+                    if not _NOT_IN_KEY.search(name)})
     values = "\n".join(f"{name}={os.environ.get(name, '')}" for name in names)
     return hashlib.sha256(values.encode()).hexdigest()[:16]
 
@@ -89,8 +113,11 @@ def keep_parse_state(target: Path, state: Path) -> None:
     then only the most recently kept states stay beside it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-    shutil.copyfile(state, partial)
-    os.replace(partial, target)
+    try:
+        shutil.copyfile(state, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
     states = []
     for path in target.parent.glob("*.msgpack"):
         try:
@@ -125,21 +152,17 @@ def manifest_is_stale(project: DbtProject) -> bool:
 
 def dbt_resource(project: DbtProject) -> DbtCliResource:
     """dagster-dbt's resource for this project; every command starts from this connection
-    profile's parse state (a missing one is a full parse, which dbt reports and does)."""
+    profile's parse state, else the preparation's (dbt refuses a path that does not exist)."""
+    state = parse_state_path(project)
+    if not state.exists():
+        state = prepared_state_path(project)
     return DbtCliResource(
         project_dir=project,
         profiles_dir=str(project.profiles_dir),
         target=project.target,
         dbt_executable=DBT_EXECUTABLE,
-        global_config_flags=["--partial-parse-file-path", str(parse_state_path(project))],
+        global_config_flags=["--partial-parse-file-path", str(state)] if state.exists() else [],
     )
-
-
-def state_flag_path(dbt: DbtCliResource) -> Path | None:
-    """The parse state the resource's commands start from (its --partial-parse-file-path)."""
-    flags = list(dbt.global_config_flags or [])
-    i = flags.index("--partial-parse-file-path") if "--partial-parse-file-path" in flags else -1
-    return Path(flags[i + 1]) if 0 <= i < len(flags) - 1 else None
 
 
 def run_target_path(project: DbtProject, context) -> Path:

@@ -6,8 +6,11 @@ asks the replica one question for all selected tables: row count, a hash of the 
 watermark (the source's `loaded_at_field`, else `updated_at`; shown, not trusted). The data
 version is a hash of count and contents, so it changes with any row inserted, deleted or
 edited (with or without an `updated_at` bump), and only the assets downstream of a changed
-table go stale; an unchanged table keeps its version, so nothing downstream looks
-unsynced. An event-grain table read only by the daily facts (source meta
+table go stale. An observation is recorded only when a table's data version changed, or
+whether the replica lags changed: Dagster's staleness looks through the staging views
+(virtual assets) at the *time* of a source's latest observation, so recording unchanged
+ones would mark the marts "Unsynced" after every observation. The replica_lag check
+(checks.py) runs with every observation all the same. An event-grain table read only by the daily facts (source meta
 `platform.change_detection: per_day`) is observed by count and watermark: what the facts
 rebuild is decided per day by changes.py, which sees its edits and deletes. The replica's
 replay lag is recorded with every observation, with whether it exceeds
@@ -87,11 +90,19 @@ def observe_query(tables: list[FederatedTable]) -> sql.Composed:
     )
 
 
-def latest_data_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
-    """The data version of the source's latest recorded observation, if any."""
+def latest_observed(instance: dg.DagsterInstance, key: dg.AssetKey) -> tuple[str | None, bool | None]:
+    """(data version, replica_lag_exceeded) of the source's latest recorded observation."""
     records = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=key), limit=1).records
     observation = records[0].asset_observation if records else None
-    return observation.data_version if observation else None
+    if observation is None:
+        return None, None
+    lagged = observation.metadata.get("replica_lag_exceeded")
+    return observation.data_version, (bool(lagged.value) if lagged is not None else None)
+
+
+def latest_data_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
+    """The data version of the source's latest recorded observation, if any."""
+    return latest_observed(instance, key)[0]
 
 
 def data_version(row_count: int, contents: str) -> str:
@@ -112,6 +123,8 @@ def build_federated_sources(
             kinds={"postgres"},
             metadata={"replica_table": f"{t.schema}.{t.table}", "watermark_column": t.watermark or "none"},
             tags={"layer": "federated"},
+            # an unchanged table is not observed again (module docstring)
+            skippable=True,
         )
         for t in tables
     ]
@@ -139,7 +152,8 @@ def build_federated_sources(
                 metadata["max_replica_lag_seconds"] = dg.MetadataValue.float(max_lag_seconds)
                 metadata["replica_lag_exceeded"] = dg.MetadataValue.bool(lagging)
             version = data_version(count, contents if t.content_hash else watermark)
-            if not lagging and version == latest_data_version(context.instance, t.key):
+            # recorded when the version, or whether the replica lags, differs from the last record
+            if (version, lagging if max_lag_seconds is not None else None) == latest_observed(context.instance, t.key):
                 continue
             yield dg.ObserveResult(asset_key=t.key, data_version=dg.DataVersion(version), metadata=metadata)
 

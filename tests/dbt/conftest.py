@@ -237,8 +237,8 @@ def _build_scenario(pg_env, tmp_path_factory) -> Scenario:
     # The incremental facts with their tests and unit tests.
     on_both("build_3", "build", "--select", "config.materialized:incremental")
 
-    # 4. Churn: more rounds of random application changes (other seeds, more or fewer late
-    #    events), each followed by the incremental run the orchestrator would make. Cheap:
+    # 4. Churn: another round of application changes (another seed, more late events),
+    #    followed by the incremental run dbt makes without a window. Cheap:
     #    `run` of the incremental models only (their tests ran in build_3).
     for number, (seed, late) in enumerate(CHURN_ROUNDS, start=4):
         scenario.simulated.append(simulate(pg_env, new_events=CHURN_EVENTS, seed=seed, late_fraction=late))

@@ -193,6 +193,7 @@ def test_parse_states_are_per_connection_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("DUCKDB_PATH", "/a/warehouse.duckdb")
     first = parse_state_path(project)
     monkeypatch.setenv("DBT_ENV_SECRET_UNRELATED", "x")  # not read by profiles.yml
+    monkeypatch.setenv("REPLICA_PASSWORD", "rotated")  # a credential: no parse changes with it
     assert parse_state_path(project) == first
     monkeypatch.setenv("DUCKDB_PATH", "/b/warehouse.duckdb")
     second = parse_state_path(project)

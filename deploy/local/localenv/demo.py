@@ -40,6 +40,7 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 VERBOSE = {"loggers": {"console": {"config": {"log_level": "DEBUG"}}}}
 # demo-*.log files kept under the local folder's logs/
 KEEP_LOGS = 10
+OBSERVE_JOB = "observe_federated_sources"
 
 
 class DemoStopped(SystemExit):
@@ -73,6 +74,9 @@ class Runner:
         # what a user should look at: failed or warned checks, assets a run did not build
         self.attention: list[str] = []
         self.source_checks = {k for k in platform.dbt_models.check_keys if k.asset_key in self.source_keys}
+        self.deps = {spec.key: {d.asset_key for d in spec.deps} for spec in self.defs.resolve_all_asset_specs()}
+        self.check_keys = {k for a in [*self.defs.assets, *self.defs.asset_checks]
+                           if isinstance(a, dg.AssetsDefinition) for k in a.check_keys}
 
     def run(self, label: str, job: dg.JobDefinition, tags: dict | None = None,
             planned: set[dg.AssetKey] = frozenset()) -> None:
@@ -89,7 +93,7 @@ class Runner:
         self.failed_checks.extend(failed_checks)
         status = "ok" if result.success else "FAILED"
         # an observation records only the sources whose data version changed (sources.py)
-        detail = f"{observed} sources changed" if not planned and not keys else f"{len(keys)} materialized"
+        detail = f"{observed} sources changed" if job.name == OBSERVE_JOB else f"{len(keys)} materialized"
         self.progress(f"  {label:<44} {status:<6} {detail:<24} {time.monotonic() - t0:6.1f}s  run {result.run_id[:8]}")
         for check in failed_checks:
             line = (f"check {check.asset_key.to_user_string()}:{check.check_name} failed ({check.severity.value})"
@@ -100,13 +104,13 @@ class Runner:
             self.attention.append(f"not built by run {result.run_id[:8]} ({label}): "
                                   + ", ".join(sorted(k.to_user_string() for k in unbuilt)))
         if not result.success:
-            errors = [e.step_failure_data.error.message.strip().splitlines()[0]
+            errors = [(e.step_failure_data.error.message.strip().splitlines() or [""])[0]
                       for e in result.get_step_failure_events() if e.step_failure_data.error]
             self.attention.append(f"run {result.run_id} ({label}) failed" + (f": {errors[0]}" if errors else ""))
             raise DemoStopped(f"demo stopped: run {result.run_id} ({label}) failed; see `make ui` for its logs")
 
     def observe(self) -> None:
-        self.run("observe federated sources", self.defs.resolve_job_def("observe_federated_sources"))
+        self.run("observe federated sources", self.defs.resolve_job_def(OBSERVE_JOB))
 
     def requested(self, requested: set[dg.AssetKey]) -> None:
         """What an automation evaluation requested (the unpartitioned models), in one run."""
@@ -149,9 +153,9 @@ class Runner:
     def subset(self, label: str, keys: set[dg.AssetKey], tags: dict | None = None) -> None:
         """A run of these assets with their checks, and the dbt tests of the sources they read:
         dagster-dbt runs those with the models, so they are part of the run's selection."""
-        sources = {p for k in keys for p in self.graph.get(k).parent_keys} & self.source_keys
-        checks = (dg.AssetSelection.checks_for_assets(*keys).resolve_checks(self.graph)
-                  | {c for c in self.source_checks if c.asset_key in sources})
+        sources = {d for k in keys for d in self.deps.get(k, ())} & self.source_keys
+        checks = {c for c in self.check_keys if c.asset_key in keys} | {
+            c for c in self.source_checks if c.asset_key in sources}
         self.run(label, self.global_job.get_subset(asset_selection=keys, asset_check_selection=checks), tags=tags,
                  planned=keys)
 
@@ -317,15 +321,18 @@ class Console:
         sys.stdout.flush()
         sys.stderr.flush()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         saved = os.dup(1), os.dup(2)
         self.term = os.fdopen(os.dup(1), "w", buffering=1)
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
         self.log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 - closed below
         try:
             yield self
+        except KeyboardInterrupt:
+            self.line(f"\ninterrupted; dbt's and Dagster's logs so far: {self.log_path}")
+            raise
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
