@@ -8,9 +8,9 @@ parsed with (dbt's "profile has changed": a full parse, ~5 s, on every command).
 state is kept per connection profile, `target/<env>/parse-states/<key>.msgpack`, the key a
 hash of the connection variables profiles.yml reads (passwords left out, as dbt leaves
 them out of its own check): seeded by the preparation, then replaced after each command by
-the state dbt wrote in that command's run folder. Two
-deployments of one environment (another DUCKDB_PATH, the tests' warehouses) no longer make
-each other's commands parse in full. In production the image's state was parsed with
+the state dbt wrote in that command's run folder. Two deployments of one environment
+(another DUCKDB_PATH, the tests' warehouses) no longer make each other's commands parse in
+full. In production the image's state was parsed with
 placeholders; the first command of a task parses and keeps the state for the next ones.
 """
 

@@ -10,10 +10,10 @@ table go stale. An observation is recorded only when a table's data version chan
 whether the replica lags changed: Dagster's staleness looks through the staging views
 (virtual assets) at the *time* of a source's latest observation, so recording unchanged
 ones would mark the marts "Unsynced" after every observation. The replica_lag check
-(checks.py) runs with every observation all the same. An event-grain table read only by the daily facts (source meta
-`platform.change_detection: per_day`) is observed by count and watermark: what the facts
-rebuild is decided per day by changes.py, which sees its edits and deletes. The replica's
-replay lag is recorded with every observation, with whether it exceeds
+(checks.py) runs with every observation all the same. An event-grain table read only by the
+daily facts (source meta `platform.change_detection: per_day`) is observed by count and
+watermark: what the facts rebuild is decided per day by changes.py, which sees its edits
+and deletes. The replica's replay lag is recorded with each observation, with whether it exceeds
 MAX_REPLICA_LAG_SECONDS (then the automation holds the marts; see automation.py).
 """
 
