@@ -196,6 +196,10 @@ def apply(conn: psycopg.Connection, schema: str, op: tuple) -> None:
         users = sql.SQL("(select user_id from {} where company_id = %(c)s)").format(t("users"))
         for table in ("lesson_events", "quiz_attempts", "certificates", "team_memberships", "enrollments"):
             conn.execute(sql.SQL("delete from {} where user_id in {}").format(t(table), users), {"c": company})
+        # a user moved to another company may still be a member of this company's teams
+        teams = sql.SQL("(select team_id from {} where company_id = %(c)s)").format(t("teams"))
+        conn.execute(sql.SQL("delete from {} where team_id in {}").format(t("team_memberships"), teams),
+                     {"c": company})
         for table in ("users", "teams", "subscriptions", "companies"):
             conn.execute(sql.SQL("delete from {} where company_id = %(c)s").format(t(table)), {"c": company})
     elif kind == "hostile_company":
