@@ -113,6 +113,10 @@ def build_platform(settings: PlatformSettings) -> Platform:
             "replica": replica_resource(settings.env),
             "warehouse": warehouse_resource(settings.env),
         },
+        # A run is already a process of its own (a launched run worker, an ECS task): steps in
+        # subprocesses would each load this code location again, and the warehouse pool runs
+        # the dbt steps one after another anyway.
+        executor=dg.in_process_executor,
     )
 
     return Platform(

@@ -21,7 +21,7 @@ RUN_HEALTH_INTERVAL_SECONDS = 15
 
 def recorded_processes(instance: dg.DagsterInstance, run_id: str) -> list[tuple[int, float]]:
     """(pid, when it was recorded) of every process the run's engine events name: the run
-    worker (the CLI's process or the launcher's subprocess) and each step's subprocess."""
+    worker (the CLI's process or the launcher's subprocess), where the steps run (assembly.py)."""
     processes = []
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
         data = entry.dagster_event.engine_event_data if entry.dagster_event else None
