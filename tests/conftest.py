@@ -40,6 +40,19 @@ SHARED_FIXTURE_GROUPS = {
 }
 
 
+# The longest units first (measured on 2 cores: each takes 4–5 minutes), so that the short
+# files fill the gaps at the end. xdist's own order (most tests first) put the single-test
+# churn files last, where one worker ran both while the other idled.
+LONGEST_FIRST = (
+    "tests/platform/test_churn_duckdb.py",
+    "tests/platform/test_churn_postgres.py",
+    "dbt-scenario",
+    "tests/platform/test_pipeline.py",
+    "tests/platform/test_readme_commands.py",
+    "tests/bench/test_bench.py",
+)
+
+
 def scheduling_group(nodeid: str) -> str:
     """The unit a worker is given: the test's file, or the group of files it shares with."""
     path = nodeid.split("::", 1)[0]
@@ -59,9 +72,21 @@ class SharedFixtureScheduling(LoadScopeScheduling):
         return scheduling_group(nodeid)
 
 
+def schedule_rank(nodeid: str) -> int:
+    group = scheduling_group(nodeid)
+    return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
+def pytest_collection_modifyitems(config, items):
+    # A stable sort: within a unit, and among the short ones, the files keep their order.
+    items.sort(key=lambda item: schedule_rank(item.nodeid))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") == "loadgroup":
+        # units in collection order (LONGEST_FIRST), not xdist's count of tests per unit
+        config.option.loadscopereorder = False
         return SharedFixtureScheduling(config, log)
     return None
 

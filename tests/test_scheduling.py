@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .conftest import SHARED_FIXTURE_GROUPS, SharedFixtureScheduling, pytest_xdist_make_scheduler, scheduling_group
+from .conftest import (
+    LONGEST_FIRST,
+    SHARED_FIXTURE_GROUPS,
+    SharedFixtureScheduling,
+    pytest_xdist_make_scheduler,
+    schedule_rank,
+    scheduling_group,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,6 +20,15 @@ def test_every_shared_fixture_group_names_files_that_exist():
     # A renamed or moved file would silently leave its group and build the fixture again.
     for prefix in SHARED_FIXTURE_GROUPS:
         assert (ROOT / prefix).exists(), prefix
+
+
+def test_longest_units_are_named_by_existing_groups_and_go_first():
+    groups = set(SHARED_FIXTURE_GROUPS.values())
+    for unit in LONGEST_FIRST:
+        assert unit in groups or (ROOT / unit).is_file(), unit
+    assert schedule_rank("tests/platform/test_churn_duckdb.py::t") < schedule_rank("tests/dbt/test_dbt_project.py::x") \
+        < schedule_rank("tests/deploy/test_workflow.py::y")
+    assert schedule_rank("tests/deploy/test_workflow.py::y") == schedule_rank("tests/local/test_environment.py::z")
 
 
 def test_files_sharing_a_fixture_are_one_unit_and_other_files_their_own():
@@ -35,8 +51,10 @@ def test_loadgroup_uses_the_shared_fixture_scheduler(pytestconfig, monkeypatch):
     # options are reset to no distribution, so they are set here as the controller has them).
     monkeypatch.setattr(pytestconfig.option, "dist", "loadgroup")
     monkeypatch.setattr(pytestconfig.option, "tx", ["2*popen"])
+    monkeypatch.setattr(pytestconfig.option, "loadscopereorder", True)
     scheduler = pytest_xdist_make_scheduler(pytestconfig, None)
     assert isinstance(scheduler, SharedFixtureScheduling)
+    assert pytestconfig.option.loadscopereorder is False
     assert scheduler._split_scope("tests/dbt/test_dbt_project.py::x") == scheduler._split_scope(
         "tests/reliability/test_killed_run.py::y[pg]")
     monkeypatch.setattr(pytestconfig.option, "dist", "load")
