@@ -77,6 +77,7 @@ def schedule_rank(nodeid: str) -> int:
     return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
+@pytest.hookimpl(tryfirst=True)  # before --stepwise and the like pick from the items
 def pytest_collection_modifyitems(config, items):
     # A stable sort: within a unit, and among the short ones, the files keep their order.
     items.sort(key=lambda item: schedule_rank(item.nodeid))

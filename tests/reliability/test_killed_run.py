@@ -283,7 +283,7 @@ def test_sigkilled_materialization_is_failed_and_frees_the_warehouse(live: LiveD
             dbt = _dbt_processes(run_id)
             assert dbt, "dbt runs in the run's process group"
         finally:
-            os.killpg(cli.pid, signal.SIGKILL)  # the CLI, its step process and dbt
+            os.killpg(cli.pid, signal.SIGKILL)  # the CLI (which runs the step) and dbt
             cli.wait(timeout=30)
     assert not _dbt_processes(run_id)
 
