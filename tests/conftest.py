@@ -40,7 +40,7 @@ SHARED_FIXTURE_GROUPS = {
 }
 
 
-# The longest units first (measured on 2 cores: each takes 4–5 minutes), so that the short
+# The longest units first (measured on 2 cores: 4–6 minutes each, the benchmark 1), so the short
 # files fill the gaps at the end. xdist's own order (most tests first) put the single-test
 # churn files last, where one worker ran both while the other idled.
 LONGEST_FIRST = (
