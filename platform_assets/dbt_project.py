@@ -10,8 +10,8 @@ hash of the connection variables profiles.yml reads (passwords left out, as dbt 
 them out of its own check): seeded by the preparation, then replaced after each command by
 the state dbt wrote in that command's run folder. Two deployments of one environment
 (another DUCKDB_PATH, the tests' warehouses) no longer make each other's commands parse in
-full. In production the image's state was parsed with
-placeholders; the first command of a task parses and keeps the state for the next ones.
+full. In production the image's state was parsed with placeholders; the first command of a
+task parses and keeps the state for the next ones.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ ones would mark the marts "Unsynced" after every observation. The replica_lag ch
 (checks.py) runs with every observation all the same. An event-grain table read only by the
 daily facts (source meta `platform.change_detection: per_day`) is observed by count and
 watermark: what the facts rebuild is decided per day by changes.py, which sees its edits
-and deletes. The replica's replay lag is recorded with each observation, with whether it exceeds
-MAX_REPLICA_LAG_SECONDS (then the automation holds the marts; see automation.py).
+and deletes. The replica's replay lag is recorded with each observation, with whether it
+exceeds MAX_REPLICA_LAG_SECONDS (then the automation holds the marts; see automation.py).
 """
 
 
