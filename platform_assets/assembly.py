@@ -14,7 +14,7 @@ from dagster_dbt import DbtProject
 
 from .automation import automation_sensors, observe_schedule, run_failure_alert
 from .changes import DailyFacts, changes_sensor, matches_replica_check
-from .checks import build_source_checks, replica_lag_check_keys
+from .checks import replica_lag_check_keys
 from .dbt_assets import SIZING, WAREHOUSE_POOL, PlatformTranslator, build_dbt_assets
 from .dbt_project import dbt_project_for, dbt_resource
 from .exports import Exports, build_exports
@@ -49,7 +49,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
         manifest, settings.optional("REPLICA_SCHEMA", "app"), settings.max_replica_lag_seconds
     )
     # Automation holds the refreshes downstream of a source whose replica_lag check failed.
-    lag_check_keys = replica_lag_check_keys(federated_tables)
+    lag_check_keys = replica_lag_check_keys(t.key for t in federated_tables)
     dbt_models, dbt_daily_facts = build_dbt_assets(
         dbt_project, settings, lag_checks=dg.AssetSelection.checks(*lag_check_keys)
     )
@@ -90,7 +90,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
     defs = dg.Definitions(
         assets=[federated_sources, dbt_models, dbt_daily_facts, exports.asset,
                 *dashboard_specs(dashboards)],
-        asset_checks=[*build_source_checks(federated_tables, settings), matches_replica_check(daily_facts)],
+        asset_checks=[matches_replica_check(daily_facts)],
         jobs=[observe_job, daily_facts_job, dbt_job, exports.job],
         schedules=[
             observe_schedule(observe_job, settings.observe_cron),

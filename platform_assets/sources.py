@@ -9,8 +9,8 @@ edited (with or without an `updated_at` bump), and only the assets downstream of
 table go stale. An observation is recorded only when a table's data version changed, or
 whether the replica lags changed: Dagster's staleness looks through the staging views
 (virtual assets) at the *time* of a source's latest observation, so recording unchanged
-ones would mark the marts "Unsynced" after every observation. The replica_lag check
-(checks.py) runs with every observation all the same. An event-grain table read only by the
+ones would mark the marts "Unsynced" after every observation. The same op reports the
+replica_lag check (checks.py) of every selected source each time. An event-grain table read only by the
 daily facts (source meta `platform.change_detection: per_day`) is observed by count and
 watermark: what the facts rebuild is decided per day by changes.py, which sees its edits
 and deletes. The replica's replay lag is recorded with each observation, with whether it
@@ -27,6 +27,7 @@ import dagster as dg
 from psycopg import sql
 
 from .beta import chosen_beta
+from .checks import replica_lag_results, replica_lag_specs
 from .resources import LAG_QUERY, ReplicaResource
 
 FEDERATED_GROUP = "federated"
@@ -110,7 +111,7 @@ def data_version(row_count: int, contents: str) -> str:
 
 
 def build_federated_sources(
-    manifest: Mapping[str, Any], replica_schema: str, max_lag_seconds: float | None = None
+    manifest: Mapping[str, Any], replica_schema: str, max_lag_seconds: float
 ) -> tuple[dg.AssetsDefinition, list[FederatedTable]]:
     tables = federated_tables(manifest, replica_schema)
     by_key = {t.key: t for t in tables}
@@ -134,7 +135,7 @@ def build_federated_sources(
         with replica.connect() as conn:
             rows = {r[0]: r[1:] for r in conn.execute(observe_query(selected)).fetchall()}
         lag = float(next(iter(rows.values()))[3]) if rows else 0.0
-        lagging = max_lag_seconds is not None and lag > max_lag_seconds
+        lagging = lag > max_lag_seconds
         if lagging:
             context.log.warning(
                 f"replica replay lag {lag:.1f}s exceeds MAX_REPLICA_LAG_SECONDS={max_lag_seconds:g}: these "
@@ -147,21 +148,23 @@ def build_federated_sources(
                 "dagster/row_count": dg.MetadataValue.int(int(count)),
                 "latest_watermark": dg.MetadataValue.text(watermark or "n/a"),
                 "replica_lag_seconds": dg.MetadataValue.float(round(lag, 3)),
+                "max_replica_lag_seconds": dg.MetadataValue.float(max_lag_seconds),
+                "replica_lag_exceeded": dg.MetadataValue.bool(lagging),
             }
-            if max_lag_seconds is not None:
-                metadata["max_replica_lag_seconds"] = dg.MetadataValue.float(max_lag_seconds)
-                metadata["replica_lag_exceeded"] = dg.MetadataValue.bool(lagging)
             version = data_version(count, contents if t.content_hash else watermark)
             # recorded when the version, or whether the replica lags, differs from the last record
-            if (version, lagging if max_lag_seconds is not None else None) == latest_observed(context.instance, t.key):
+            if (version, lagging) == latest_observed(context.instance, t.key):
                 continue
             yield dg.ObserveResult(asset_key=t.key, data_version=dg.DataVersion(version), metadata=metadata)
+        yield from replica_lag_results(context.selected_asset_check_keys, lag, max_lag_seconds)
 
     with chosen_beta("multi_observable_source_asset"):
         asset = dg.multi_observable_source_asset(
             name="federated_sources",
             specs=specs,
             can_subset=True,
-            description="Observes the replica's tables: one query per observation, no dbt.",
+            check_specs=replica_lag_specs([t.key for t in tables], max_lag_seconds),
+            description="Observes the replica's tables (one query per observation, no dbt) and reports"
+                        " their replica_lag checks.",
         )(federated_sources)
     return asset, tables

@@ -54,11 +54,38 @@ def _lag_check_results(result: dg.ExecuteInProcessResult) -> list[dg.AssetCheckE
     ]
 
 
+def _observe_until_lag_passes(put) -> None:
+    """Observe until the replica_lag checks ran and passed.
+
+    Caught up, the lag reading can still show a few seconds for a moment (a trailing WAL
+    record without a transaction: receive != replay, and the last replayed transaction is
+    older). An observation whose sources are all unchanged records nothing, and then its
+    checks do not run, so an empty result is not a pass.
+    """
+    for _ in range(15):
+        result = observe(put)
+        assert result.success
+        checks = _lag_check_results(result)
+        if checks and all(c.passed for c in checks):
+            return
+        time.sleep(1)
+    raise AssertionError(f"the replica_lag checks never passed: {[c.description for c in checks]}")
+
+
 def test_lagging_replica_holds_refreshes_until_it_recovers(pg_env, tmp_path):
     cluster = pg_env.cluster
     with mock.patch.dict(os.environ, {"MAX_REPLICA_LAG_SECONDS": str(MAX_LAG)}), \
             platform_under_test(pg_env, tmp_path, "local") as put:
-        assert observe(put).success
+        # The previous test on this cluster may have left replay a second behind.
+        pg_env.wait_for_replay()
+        _observe_until_lag_passes(put)
+        # Nothing changed: every check still reports, and (unless the lag reading flipped)
+        # no source is recorded again.
+        unchanged = observe(put)
+        unchanged_checks = _lag_check_results(unchanged)
+        assert len(unchanged_checks) == len(put.platform.federated_tables)
+        if all(c.passed for c in unchanged_checks):
+            assert unchanged.get_asset_observation_events() == []
         first = dg.evaluate_automation_conditions(defs=put.defs, instance=put.instance)
         quiet = dg.evaluate_automation_conditions(defs=put.defs, instance=put.instance, cursor=first.cursor)
         assert _requested(quiet) == set()
@@ -99,16 +126,7 @@ def test_lagging_replica_holds_refreshes_until_it_recovers(pg_env, tmp_path):
             cluster.resume_replay()
             caught_up = pg_env.wait_for_replay()
 
-        # Caught up; the lag reading can still show a few seconds for a moment (a trailing WAL
-        # record without a transaction: receive != replay, and the last replayed transaction is
-        # older), so the next observations are taken until the check passes.
-        for _ in range(15):
-            recovered = observe(put)
-            assert recovered.success
-            if all(c.passed for c in _lag_check_results(recovered)):
-                break
-            time.sleep(1)
-        assert all(c.passed for c in _lag_check_results(recovered)), "the lag never recovered"
+        _observe_until_lag_passes(put)
         resumed = dg.evaluate_automation_conditions(defs=put.defs, instance=put.instance, cursor=held.cursor)
         requested = _requested(resumed)
         print(f"lag recovered: replay caught up in {caught_up:.2f}s; {len(requested)} assets requested "
