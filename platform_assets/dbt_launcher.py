@@ -1,0 +1,36 @@
+"""`platform-dbt`: the dbt executable the platform's DbtCliResource runs.
+
+dagster-dbt runs `<dbt_executable> --version` once per run to tell dbt Core from dbt Fusion.
+dbt's own `--version` imports all of dbt and then asks PyPI for the latest release of
+dbt-core and of each adapter: four HTTPS requests (1 s timeout each) at run time, which a
+production task without egress waits out. This answers `--version` from the installed
+dbt-core's package metadata and hands every other command to the environment's dbt as it is
+(`exec`: same process, so signals reach dbt itself).
+"""
+
+import os
+import shutil
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+
+def real_dbt() -> str:
+    beside = Path(sys.executable).parent / "dbt"
+    found = str(beside) if beside.exists() else shutil.which("dbt")
+    if found is None:
+        raise SystemExit("platform-dbt: no dbt executable next to this Python or on PATH")
+    return found
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args == ["--version"]:
+        print(f"Core:\n  - installed: {version('dbt-core')}")
+        return
+    dbt = real_dbt()
+    os.execv(dbt, [dbt, *args])
+
+
+if __name__ == "__main__":
+    main()
