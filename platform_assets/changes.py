@@ -32,7 +32,7 @@ from .fingerprints import (
     replica_query,
     warehouse_query,
 )
-from .resources import ReplicaResource, WarehouseBusy, WarehouseResource
+from .resources import ReplicaResource, WarehouseBusy, WarehouseResource, quoted
 
 CHANGES_SENSOR = "daily_facts_changes"
 MATCHES_REPLICA_CHECK = "matches_replica"
@@ -43,10 +43,6 @@ REASON_TAG = "platform/reason"
 DEFAULT_MAX_GAP_DAYS = 7
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
-
-
-def quoted(schema: str, name: str) -> str:
-    return '"' + schema.replace('"', '""') + '"."' + name.replace('"', '""') + '"'
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,9 @@ from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtC
 from dagster_dbt.errors import DagsterDbtCliRuntimeError
 
 from .automation import automation_for
-from .changes import quoted
 from .dbt_project import PARSE_STATE, keep_parse_state, parse_state_path, prune_run_folders, run_target_path
 from .preflight import explain_dbt_failure, redact
-from .resources import ReplicaResource, WarehouseResource, run_preflight, sql_literal
+from .resources import ReplicaResource, WarehouseResource, quoted, run_preflight, sql_literal
 from .settings import PlatformSettings
 
 DAILY_SELECT = "tag:daily_partitioned"
@@ -316,9 +315,9 @@ def _partition_row_counts(events: Iterator, invocation, context: dg.AssetExecuti
             table = quoted(node["schema"], node.get("alias") or node["name"])
             try:
                 rows = warehouse.fetch(
-                    f"select cast({quoted_column(column)} as date), count(*) from {table}"
-                    f" where {quoted_column(column)} >= {sql_literal(window.start.strftime('%Y-%m-%d'))}"
-                    f" and {quoted_column(column)} < {sql_literal(window.end.strftime('%Y-%m-%d'))} group by 1")
+                    f"select cast({quoted(column)} as date), count(*) from {table}"
+                    f" where {quoted(column)} >= {sql_literal(window.start.strftime('%Y-%m-%d'))}"
+                    f" and {quoted(column)} < {sql_literal(window.end.strftime('%Y-%m-%d'))} group by 1")
             except Exception as exc:  # noqa: BLE001 - metadata: never fails a build that succeeded
                 context.log.warning(f"per-day row counts of {key.to_user_string()} not recorded: {exc}")
                 yield event
@@ -334,10 +333,6 @@ def has_partitions(context: dg.AssetExecutionContext) -> bool:
     """A run of one partition (tag dagster/partition: the UI, a job backfill's run per day)
     or of a range (the range tags: single-run backfills, the changes sensor)."""
     return context.has_partition_key or context.has_partition_key_range
-
-
-def quoted_column(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 _SOURCE_CALL = re.compile(r"source\(\s*['\"]([^'\"]+)['\"]\s*,\s*['\"]([^'\"]+)['\"]\s*\)")

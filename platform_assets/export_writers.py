@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .resources import WarehouseResource, sql_literal
+from .resources import WarehouseResource, quoted, sql_literal
 from .settings import ConfigurationError, PlatformSettings
 
 REPORT_NAME = "training_report"
@@ -40,10 +40,6 @@ def company_prefix(root: str, company_id: int) -> str:
     if not isinstance(company_id, int) or isinstance(company_id, bool) or company_id <= 0:
         raise ValueError(f"not a company id: {company_id!r}")
     return f"{root.rstrip('/')}/company_id={company_id}"
-
-
-def ident(*parts: str) -> str:
-    return ".".join('"' + p.replace('"', '""') + '"' for p in parts)
 
 
 def relations_from_manifest(manifest: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
@@ -165,7 +161,7 @@ def duckdb_exporter(attach_sql: Sequence[str], relations: Mapping[str, tuple[str
         if target.is_s3:
             con.execute(f"LOAD {HTTPFS_EXTENSION}")
             con.execute(target.duckdb_secret_sql())
-        qualified = {name: ident(WH, schema, rel) for name, (schema, rel) in relations.items()}
+        qualified = {name: quoted(WH, schema, rel) for name, (schema, rel) in relations.items()}
 
         def export(company_id: int, as_of: datetime) -> CompanyExport:
             return _copy_company(con, qualified, target, company_id, as_of)
@@ -225,7 +221,7 @@ def unload_statements(relations: Mapping[str, tuple[str, str]], company_id: int,
     """
     if not root.startswith("s3://"):
         raise ConfigurationError(f"EXPORT_URI={root!r}: UNLOAD writes to s3:// only")
-    qualified = {name: ident(schema, rel) for name, (schema, rel) in relations.items()}
+    qualified = {name: quoted(schema, rel) for name, (schema, rel) in relations.items()}
     query = report_query(qualified, company_id, as_of)
     to = f"{company_prefix(root, company_id)}/{REPORT_NAME}_"
     common = f"IAM_ROLE {sql_literal(iam_role_arn)} PARALLEL OFF MAXFILESIZE 6 GB ALLOWOVERWRITE"

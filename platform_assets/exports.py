@@ -27,11 +27,10 @@ from .export_writers import (
     CompanyExport,
     company_id_of,
     exporter_for,
-    ident,
     relations_from_manifest,
 )
 from .preflight import redact
-from .resources import WarehouseResource
+from .resources import WarehouseResource, quoted
 from .settings import PlatformSettings
 
 EXPORTS_GROUP = "exports"
@@ -47,7 +46,7 @@ def warehouse_company_ids(warehouse: WarehouseResource, relations: Mapping[str, 
     schema, rel = relations["dim_companies"]
     if warehouse.engine == "redshift":
         rows = warehouse.redshift().get_client().execute_query(
-            f"select company_id from {ident(schema, rel)} order by company_id", fetch_results=True) or []
+            f"select company_id from {quoted(schema, rel)} order by company_id", fetch_results=True) or []
     else:
         import duckdb
 
@@ -59,7 +58,7 @@ def warehouse_company_ids(warehouse: WarehouseResource, relations: Mapping[str, 
         try:
             for statement in warehouse.duckdb_attach_sql(WH):
                 con.execute(statement)
-            rows = con.execute(f"select company_id from {ident(WH, schema, rel)} order by company_id").fetchall()
+            rows = con.execute(f"select company_id from {quoted(WH, schema, rel)} order by company_id").fetchall()
         finally:
             con.close()
     return [str(int(r[0])) for r in rows if r[0] is not None and int(r[0]) > 0]

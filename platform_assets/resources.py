@@ -196,5 +196,10 @@ def sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def quoted(*parts: str) -> str:
+    """A SQL identifier: its dotted parts each in double quotes, a quote inside doubled."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in parts)
+
+
 def _libpq_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -29,8 +29,8 @@ from typing import TextIO
 import dagster as dg
 
 from platform_assets.beta import chosen_beta
-from platform_assets.changes import quoted
 from platform_assets.dbt_assets import FULL_REFRESH_TAG
+from platform_assets.resources import quoted
 
 PARTITION_RANGE_START = "dagster/asset_partition_range_start"
 PARTITION_RANGE_END = "dagster/asset_partition_range_end"
