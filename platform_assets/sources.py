@@ -132,9 +132,13 @@ def build_federated_sources(
 
     def federated_sources(context: dg.AssetExecutionContext, replica: ReplicaResource):
         selected = [by_key[k] for k in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string())]
+        if not selected:  # the checks alone (the UI's "Execute" on a check)
+            yield from replica_lag_results(context.selected_asset_check_keys, replica.replay_lag_seconds(),
+                                           max_lag_seconds)
+            return
         with replica.connect() as conn:
             rows = {r[0]: r[1:] for r in conn.execute(observe_query(selected)).fetchall()}
-        lag = float(next(iter(rows.values()))[3]) if rows else 0.0
+        lag = float(next(iter(rows.values()))[3])
         lagging = lag > max_lag_seconds
         if lagging:
             context.log.warning(

@@ -59,8 +59,7 @@ def _observe_until_lag_passes(put) -> None:
 
     Caught up, the lag reading can still show a few seconds for a moment (a trailing WAL
     record without a transaction: receive != replay, and the last replayed transaction is
-    older). An observation whose sources are all unchanged records nothing, and then its
-    checks do not run, so an empty result is not a pass.
+    older). Every check must have reported: an empty result is not a pass.
     """
     for _ in range(15):
         result = observe(put)
@@ -86,6 +85,14 @@ def test_lagging_replica_holds_refreshes_until_it_recovers(pg_env, tmp_path):
         assert len(unchanged_checks) == len(put.platform.federated_tables)
         if all(c.passed for c in unchanged_checks):
             assert unchanged.get_asset_observation_events() == []
+        # The checks alone, without their assets (the UI's "Execute" on a check).
+        lag_checks = {dg.AssetCheckKey(t.key, REPLICA_LAG_CHECK) for t in put.platform.federated_tables}
+        alone = put.defs.resolve_implicit_global_asset_job_def().get_subset(
+            asset_selection=set(), asset_check_selection=lag_checks,
+        ).execute_in_process(instance=put.instance, raise_on_error=False)
+        assert alone.success and alone.get_asset_observation_events() == []
+        assert {(c.asset_key, c.check_name) for c in _lag_check_results(alone)} == {
+            (k.asset_key, k.name) for k in lag_checks}
         first = dg.evaluate_automation_conditions(defs=put.defs, instance=put.instance)
         quiet = dg.evaluate_automation_conditions(defs=put.defs, instance=put.instance, cursor=first.cursor)
         assert _requested(quiet) == set()
