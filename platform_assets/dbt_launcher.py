@@ -9,27 +9,21 @@ dbt-core's package metadata and hands every other command to the environment's d
 """
 
 import os
-import shutil
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
 
-def real_dbt() -> str:
-    beside = Path(sys.executable).parent / "dbt"
-    found = str(beside) if beside.exists() else shutil.which("dbt")
-    if found is None:
-        raise SystemExit("platform-dbt: no dbt executable next to this Python or on PATH")
-    return found
-
-
 def main() -> None:
+    # this environment's dbt only: the version answered is its dbt-core's
+    dbt = Path(sys.executable).parent / "dbt"
+    if not dbt.exists():
+        raise SystemExit(f"platform-dbt: no dbt at {dbt} (dbt-core is not installed in this environment)")
     args = sys.argv[1:]
     if args == ["--version"]:
         print(f"Core:\n  - installed: {version('dbt-core')}")
         return
-    dbt = real_dbt()
-    os.execv(dbt, [dbt, *args])
+    os.execv(dbt, [str(dbt), *args])
 
 
 if __name__ == "__main__":

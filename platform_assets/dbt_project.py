@@ -29,10 +29,10 @@ from dagster_dbt import DbtCliResource, DbtProject
 
 from .settings import DBT_PROJECT_DIR, PlatformSettings
 
-# The environment's own dbt behind platform-dbt (dbt_launcher.py: `--version` without PyPI),
-# whether or not its bin folder is on PATH.
-_LAUNCHER = Path(sys.executable).parent / "platform-dbt"
-DBT_EXECUTABLE = str(_LAUNCHER) if _LAUNCHER.exists() else "platform-dbt"
+# The environment's own dbt, behind platform-dbt (dbt_launcher.py: `--version` without PyPI)
+# when this project's scripts are installed, whether or not its bin folder is on PATH.
+_BIN = Path(sys.executable).parent
+DBT_EXECUTABLE = next((str(p) for p in (_BIN / "platform-dbt", _BIN / "dbt") if p.exists()), "dbt")
 PROJECT_FOLDERS = ("models", "macros", "snapshots", "tests", "seeds", "analyses")
 PROJECT_FILES = ("dbt_project.yml", "profiles.yml", "packages.yml")
 # dagster-dbt gives every dbt command a run folder and never removes it (about 3 MB each).
