@@ -252,6 +252,14 @@ def copy_schema(pg_env, schema: str) -> None:
     pg_env.wait_for_replay()
 
 
+def drop_churn_objects(pg_env, schema: str, databases: list[str]) -> None:
+    with pg_env.cluster.primary.connect() as conn:
+        for db in databases:
+            conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(db)))
+    with pg_env.cluster.primary.connect(APP_DB) as conn:
+        conn.execute(sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(schema)))
+
+
 def create_warehouse_db(pg_env, name: str) -> None:
     with pg_env.cluster.primary.connect() as conn:
         conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
@@ -291,8 +299,15 @@ class Churn:
         ) as proc:
             try:
                 yield
+            except BaseException:
+                proc.kill()  # the example failed already: no comparison to wait for
+                raise
             finally:
-                output, _ = proc.communicate(timeout=600)
+                try:
+                    output, _ = proc.communicate(timeout=600)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    raise
         assert proc.returncode == 0, output[-6000:]
 
     def rows(self, environ: dict[str, str]) -> dict[tuple[str, str], tuple[list[str], Counter]]:
@@ -353,11 +368,15 @@ def churn_fixture(engine: str):
             overrides["WAREHOUSE_PG_DB"] = f"wh_{schema}"
             overrides["WAREHOUSE_PG_URL"] = pg_env.values["WAREHOUSE_PG_URL"].rsplit("/", 1)[0] + f"/wh_{schema}"
             reference["WAREHOUSE_PG_DB"] = f"ref_{schema}"
-        with platform_under_test(pg_env, folder, engine, overrides) as put:
-            summary = run_all(put.platform, put.instance, progress=lambda _m: None, consumers=False)
-            dashboards = {d.key for d in put.platform.dashboards}
-            assert summary["materialized"] >= summary["expected"] - set(put.platform.exports.asset.keys) - dashboards
-            yield Churn(put, pg_env, schema, reference)
+        try:
+            with platform_under_test(pg_env, folder, engine, overrides) as put:
+                summary = run_all(put.platform, put.instance, progress=lambda _m: None, consumers=False)
+                consumers = set(put.platform.exports.asset.keys) | {d.key for d in put.platform.dashboards}
+                assert summary["materialized"] >= summary["expected"] - consumers
+                yield Churn(put, pg_env, schema, reference)
+        finally:
+            # the worker's cluster serves other tests after this module
+            drop_churn_objects(pg_env, schema, [f"wh_{schema}", f"ref_{schema}"] if engine == "pg" else [])
 
     return churn
 
