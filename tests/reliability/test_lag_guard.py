@@ -71,6 +71,19 @@ def _observe_until_lag_passes(put) -> None:
     raise AssertionError(f"the replica_lag checks never passed: {[c.description for c in checks]}")
 
 
+def _checks_alone(put) -> list[dg.AssetCheckEvaluation]:
+    """The replica_lag checks run without their assets (the UI's "Execute" on a check): every
+    one reports, and no source is observed."""
+    lag_checks = {dg.AssetCheckKey(t.key, REPLICA_LAG_CHECK) for t in put.platform.federated_tables}
+    alone = put.defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection=set(), asset_check_selection=lag_checks,
+    ).execute_in_process(instance=put.instance, raise_on_error=False)
+    assert alone.success and alone.get_asset_observation_events() == []
+    checks = _lag_check_results(alone)
+    assert {(c.asset_key, c.check_name) for c in checks} == {(k.asset_key, k.name) for k in lag_checks}
+    return checks
+
+
 def test_lagging_replica_holds_refreshes_until_it_recovers(pg_env, tmp_path):
     cluster = pg_env.cluster
     with mock.patch.dict(os.environ, {"MAX_REPLICA_LAG_SECONDS": str(MAX_LAG)}), \
@@ -85,14 +98,7 @@ def test_lagging_replica_holds_refreshes_until_it_recovers(pg_env, tmp_path):
         assert len(unchanged_checks) == len(put.platform.federated_tables)
         if all(c.passed for c in unchanged_checks):
             assert unchanged.get_asset_observation_events() == []
-        # The checks alone, without their assets (the UI's "Execute" on a check).
-        lag_checks = {dg.AssetCheckKey(t.key, REPLICA_LAG_CHECK) for t in put.platform.federated_tables}
-        alone = put.defs.resolve_implicit_global_asset_job_def().get_subset(
-            asset_selection=set(), asset_check_selection=lag_checks,
-        ).execute_in_process(instance=put.instance, raise_on_error=False)
-        assert alone.success and alone.get_asset_observation_events() == []
-        assert {(c.asset_key, c.check_name) for c in _lag_check_results(alone)} == {
-            (k.asset_key, k.name) for k in lag_checks}
+        assert all(c.passed for c in _checks_alone(put))
         first = dg.evaluate_automation_conditions(defs=put.defs, instance=put.instance)
         quiet = dg.evaluate_automation_conditions(defs=put.defs, instance=put.instance, cursor=first.cursor)
         assert _requested(quiet) == set()
@@ -120,6 +126,7 @@ def test_lagging_replica_holds_refreshes_until_it_recovers(pg_env, tmp_path):
             assert all(not c.passed and c.severity == dg.AssetCheckSeverity.ERROR for c in checks)
             logs = [r.user_message for r in put.instance.all_logs(lagging.run_id)]
             assert any("exceeds MAX_REPLICA_LAG_SECONDS" in m for m in logs)
+            assert all(not c.passed and c.metadata["lag_seconds"].value > MAX_LAG for c in _checks_alone(put))
 
             held = dg.evaluate_automation_conditions(defs=put.defs, instance=put.instance, cursor=quiet.cursor)
             held_keys = _held_by_lag(held)
