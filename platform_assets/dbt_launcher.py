@@ -15,10 +15,12 @@ from pathlib import Path
 
 
 def main() -> None:
-    # this environment's dbt only: the version answered is its dbt-core's
-    dbt = Path(sys.executable).parent / "dbt"
-    if not dbt.exists():
-        raise SystemExit(f"platform-dbt: no dbt at {dbt} (dbt-core is not installed in this environment)")
+    # this environment's dbt only (installed beside this script, or beside its Python): the
+    # version answered is its dbt-core's
+    places = [Path(sys.argv[0]).resolve().parent / "dbt", Path(sys.executable).parent / "dbt"]
+    dbt = next((p for p in places if p.exists()), None)
+    if dbt is None:
+        raise SystemExit(f"platform-dbt: no dbt at {' or '.join(map(str, places))} (is dbt-core installed here?)")
     args = sys.argv[1:]
     if args == ["--version"]:
         print(f"Core:\n  - installed: {version('dbt-core')}")
