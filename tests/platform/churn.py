@@ -359,16 +359,18 @@ def churn_fixture(engine: str):
     def churn(pg_env, tmp_path_factory):
         folder = tmp_path_factory.mktemp(f"churn-{engine}")
         schema = f"churn_{engine}"
-        copy_schema(pg_env, schema)
-        overrides = {"REPLICA_SCHEMA": schema, "CHANGE_RANGE_MAX_GAP_DAYS": str(TEST_DAYS + 10)}
-        reference = {"DUCKDB_PATH": str(folder / "full-refresh.duckdb"), "_TARGET_PATH": str(folder / "dbt-reference")}
-        if engine == "pg":
-            for db in (f"wh_{schema}", f"ref_{schema}"):
-                create_warehouse_db(pg_env, db)
-            overrides["WAREHOUSE_PG_DB"] = f"wh_{schema}"
-            overrides["WAREHOUSE_PG_URL"] = pg_env.values["WAREHOUSE_PG_URL"].rsplit("/", 1)[0] + f"/wh_{schema}"
-            reference["WAREHOUSE_PG_DB"] = f"ref_{schema}"
+        databases = [f"wh_{schema}", f"ref_{schema}"] if engine == "pg" else []
         try:
+            copy_schema(pg_env, schema)
+            overrides = {"REPLICA_SCHEMA": schema, "CHANGE_RANGE_MAX_GAP_DAYS": str(TEST_DAYS + 10)}
+            reference = {"DUCKDB_PATH": str(folder / "full-refresh.duckdb"),
+                         "_TARGET_PATH": str(folder / "dbt-reference")}
+            if engine == "pg":
+                for db in databases:
+                    create_warehouse_db(pg_env, db)
+                overrides["WAREHOUSE_PG_DB"] = f"wh_{schema}"
+                overrides["WAREHOUSE_PG_URL"] = pg_env.values["WAREHOUSE_PG_URL"].rsplit("/", 1)[0] + f"/wh_{schema}"
+                reference["WAREHOUSE_PG_DB"] = f"ref_{schema}"
             with platform_under_test(pg_env, folder, engine, overrides) as put:
                 summary = run_all(put.platform, put.instance, progress=lambda _m: None, consumers=False)
                 consumers = set(put.platform.exports.asset.keys) | {d.key for d in put.platform.dashboards}
@@ -376,7 +378,7 @@ def churn_fixture(engine: str):
                 yield Churn(put, pg_env, schema, reference)
         finally:
             # the worker's cluster serves other tests after this module
-            drop_churn_objects(pg_env, schema, [f"wh_{schema}", f"ref_{schema}"] if engine == "pg" else [])
+            drop_churn_objects(pg_env, schema, databases)
 
     return churn
 
