@@ -203,6 +203,6 @@ def build_dbt_assets(project: DbtProject, settings: PlatformSettings,
             window = (context.partition_time_window.start, context.partition_time_window.end)
             context.log.info(f"dbt window [{window[0]}, {window[1]}) for {context.partition_key_range}")
         yield from run_dbt(context, dbt, project, build_args("build", window, indirect_selection=None,
-                                                           full_refresh=full_refresh), replica, warehouse)
+                                                             full_refresh=full_refresh), replica, warehouse)
 
     return [dbt_models, dbt_daily_facts]

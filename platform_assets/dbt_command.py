@@ -32,7 +32,7 @@ def layer_of(props: Mapping[str, Any]) -> str:
 
 
 def run_dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: DbtProject, args: list[str],
-         replica: ReplicaResource, warehouse: WarehouseResource) -> Iterator:
+            replica: ReplicaResource, warehouse: WarehouseResource) -> Iterator:
     """One dbt command in its own run folder, after the preflight (nothing is created when a
     setting is wrong); fails the step when dbt succeeded without building an asset it selected."""
     run_preflight(replica, warehouse)

@@ -24,7 +24,8 @@ from typing import Any
 
 import dagster as dg
 
-from .dbt_assets import PlatformTranslator, freshness_meta, layer_of
+from .dbt_assets import PlatformTranslator, freshness_meta
+from .dbt_command import layer_of
 
 DASHBOARDS_GROUP = "dashboards"
 # The BI tool the exposures are built in (README, "Connecting a BI tool").

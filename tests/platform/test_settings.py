@@ -7,7 +7,8 @@ from datetime import datetime
 
 import pytest
 
-from platform_assets.dbt_assets import build_args, layer_of
+from platform_assets.dbt_assets import build_args
+from platform_assets.dbt_command import layer_of
 from platform_assets.settings import (
     DBT_TARGETS,
     ENGINES,
