@@ -6,12 +6,12 @@ of a source whose latest `replica_lag` failed: the marts would be rebuilt from a
 that is behind the primary. When the lag recovers the next observation's check passes and
 the held refreshes go ahead.
 
-The observation op (sources.py) reports it from the lag its own query read (run without
-the sources, it reads the lag alone): a check in a step of its own would be skipped
-whenever the observation records only some sources, and would read the lag a second time,
-so the two could disagree. The check is not `blocking`:
-it must not fail the observation, which still records what it saw; the hold lives in the
-automation condition, where it is visible (labelled) in the UI.
+The observation op (sources.py) reports it from the lag its own query read (run without the
+sources, it reads the lag alone): a check in a step of its own would be skipped whenever the
+observation records only some sources, and would read the lag a second time, so the two
+could disagree. The check is not `blocking`: it must not fail the observation, which still
+records what it saw; the hold lives in the automation condition, where it is visible
+(labelled) in the UI.
 """
 
 from collections.abc import Iterable, Iterator

@@ -1,20 +1,20 @@
 """Federated source tables as observable assets, derived from the dbt manifest.
 
-Each dbt source table is one asset (key from its `meta.dagster.asset_key`). Observing
-asks the replica one question for all selected tables: row count, a hash of the contents
-(the sum of the first 60 bits of each row's md5, order-independent) and the latest
-watermark (the source's `loaded_at_field`, else `updated_at`; shown, not trusted). The data
-version is a hash of count and contents, so it changes with any row inserted, deleted or
-edited (with or without an `updated_at` bump), and only the assets downstream of a changed
-table go stale. An observation is recorded only when a table's data version changed, or
-whether the replica lags changed: Dagster's staleness looks through the staging views
-(virtual assets) at the *time* of a source's latest observation, so recording unchanged
-ones would mark the marts "Unsynced" after every observation. The same op reports the
-replica_lag check (checks.py) of every selected source each time. An event-grain table read only by the
-daily facts (source meta `platform.change_detection: per_day`) is observed by count and
-watermark: what the facts rebuild is decided per day by changes.py, which sees its edits
-and deletes. The replica's replay lag is recorded with each observation, with whether it
-exceeds MAX_REPLICA_LAG_SECONDS (then the automation holds the marts; see automation.py).
+Each dbt source table is one asset (key from its `meta.dagster.asset_key`). Observing asks
+the replica one question for all selected tables: row count, a hash of the contents (the sum
+of the first 60 bits of each row's md5, order-independent) and the latest watermark (the
+source's `loaded_at_field`, else `updated_at`; shown, not trusted). The data version is a
+hash of count and contents, so it changes with any row inserted, deleted or edited (with or
+without an `updated_at` bump), and only the assets downstream of a changed table go stale.
+An observation is recorded only when a table's data version changed, or whether the replica
+lags changed: Dagster's staleness looks through the staging views (virtual assets) at the
+*time* of a source's latest observation, so recording unchanged ones would mark the marts
+"Unsynced" after every observation. The same op reports the replica_lag check (checks.py) of
+every selected source each time. An event-grain table read only by the daily facts (source
+meta `platform.change_detection: per_day`) is observed by count and watermark: what the
+facts rebuild is decided per day by changes.py, which sees its edits and deletes. The
+replica's replay lag is recorded with each observation, with whether it exceeds
+MAX_REPLICA_LAG_SECONDS (then the automation holds the marts; see automation.py).
 """
 
 
