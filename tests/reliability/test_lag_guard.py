@@ -14,7 +14,7 @@ import dagster as dg
 from localenv.simulator import simulate
 
 from platform_assets.automation import REPLICA_LAG_GUARD_LABEL
-from platform_assets.checks import REPLICA_LAG_CHECK
+from platform_assets.checks import REPLICA_LAG_CHECK, replica_lag_check_keys
 
 from ..platform.conftest import platform_under_test
 from .faults import observe
@@ -74,7 +74,7 @@ def _observe_until_lag_passes(put) -> None:
 def _checks_alone(put) -> list[dg.AssetCheckEvaluation]:
     """The replica_lag checks run without their assets (the UI's "Execute" on a check): every
     one reports, and no source is observed."""
-    lag_checks = {dg.AssetCheckKey(t.key, REPLICA_LAG_CHECK) for t in put.platform.federated_tables}
+    lag_checks = set(replica_lag_check_keys(t.key for t in put.platform.federated_tables))
     alone = put.defs.resolve_implicit_global_asset_job_def().get_subset(
         asset_selection=set(), asset_check_selection=lag_checks,
     ).execute_in_process(instance=put.instance, raise_on_error=False)
