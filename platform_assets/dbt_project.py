@@ -7,11 +7,11 @@ that is parsed is the graph that runs. Each environment parses into its own targ
 parsed with (dbt's "profile has changed": a full parse, ~5 s, on every command). So the
 state is kept per connection profile, `target/<env>/parse-states/<key>.msgpack`, the key a
 hash of the connection variables profiles.yml reads (passwords left out, as dbt leaves
-them out of its own check): seeded by the preparation, then replaced after each command by
-the state dbt wrote in that command's run folder. Two deployments of one environment
-(another DUCKDB_PATH, the tests' warehouses) no longer make each other's commands parse in
-full. In production the image's state was parsed with placeholders; the first command of a
-task parses and keeps the state for the next ones.
+them out of its own check): seeded by the preparation's own parse, then replaced after each
+command by the state dbt wrote in that command's run folder. Two deployments of one
+environment (another DUCKDB_PATH, the tests' warehouses) no longer make each other's
+commands parse in full. In production the image's state was parsed with placeholders; the
+first command of a task parses and keeps the state for the next ones.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -75,13 +76,20 @@ def dbt_project_for(settings: PlatformSettings) -> DbtProject:
 
 
 def prepare(project: DbtProject) -> None:
-    """dagster-dbt's preparation (`dbt parse` into the environment's target folder), whose
-    parse state, made with this process's settings, becomes their profile's."""
+    """dagster-dbt's preparation (`dbt parse` into the environment's target folder: the
+    manifest the code location loads), then a `dbt parse` of this process's own, in a folder of
+    its own, whose state becomes this profile's. The preparation's state cannot be trusted to
+    be it: another process (a `dagster dev` of another profile) may replace it meanwhile, and
+    dagster-dbt skips the parse when another process prepared while it waited for its lock."""
     project.preparer.prepare(project)
-    try:
-        keep_parse_state(parse_state_path(project), prepared_state_path(project))
-    except OSError:  # the first command parses in full and keeps its own state
-        pass
+    runs = Path(project.project_dir) / project.target_path / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="prepare-", dir=runs) as folder:
+        dbt_resource(project).cli(["parse", "--quiet"], target_path=Path(folder)).wait()
+        try:
+            keep_parse_state(parse_state_path(project), Path(folder) / PARSE_STATE)
+        except OSError:  # the first command parses in full and keeps its own state
+            pass
 
 
 def prepared_state_path(project: DbtProject) -> Path:

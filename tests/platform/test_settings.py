@@ -210,3 +210,53 @@ def test_parse_states_are_per_connection_profile(tmp_path, monkeypatch):
     assert kept == [f"profile-{i:02d}.msgpack" for i in range(3, KEPT_PARSE_STATES + 3)]
     assert (first.parent / f"profile-{KEPT_PARSE_STATES + 2:02d}.msgpack").read_bytes() == \
         f"state {KEPT_PARSE_STATES + 2}".encode()
+
+
+def test_prepare_keeps_a_state_of_its_own_profile_when_another_prepared_meanwhile(tmp_path, monkeypatch):
+    """dagster-dbt's preparation skips its `dbt parse` when another process prepared while it
+    waited for the lock (its FileLock beside the manifest), leaving that process's parse state
+    in the shared target folder. prepare() must still leave this profile a state dbt accepts:
+    its next command parses partially, not in full ("profile has changed")."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dagster_dbt import DbtProject
+    from filelock import FileLock
+
+    from platform_assets.dbt_project import dbt_resource, prepare, prepared_state_path
+
+    (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
+    (tmp_path / "profiles.yml").write_text(
+        "tiny:\n  target: local\n  outputs:\n    local:\n      type: duckdb\n"
+        "      path: \"{{ env_var('DUCKDB_PATH') }}\"\n")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "a.sql").write_text("select 1 as a")
+    project = DbtProject(project_dir=tmp_path, target_path="target/local", target="local")
+
+    def parse_events() -> list[str]:
+        invocation = dbt_resource(project).cli(["parse"], target_path=tmp_path / "check")
+        names = [event.raw_event["info"]["name"] for event in invocation.stream_raw_events()]
+        invocation.wait()
+        return names
+
+    monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "a.duckdb"))
+    project.preparer.prepare(project)
+    a_state = tmp_path / "a-state.msgpack"
+    a_state.write_bytes(prepared_state_path(project).read_bytes())
+
+    monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "b.duckdb"))
+    lock = FileLock(project.manifest_path.with_suffix(".concurrent-update-lock"))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with lock:
+            waiting = pool.submit(prepare, project)
+            time.sleep(1.0)  # prepare() is waiting for the lock
+            # what profile A's preparation, in another process, leaves behind
+            prepared_state_path(project).write_bytes(a_state.read_bytes())
+            later = time.time() + 2
+            os.utime(project.manifest_path, (later, later))
+        waiting.result(timeout=120)
+
+    # the scenario happened: the preparation skipped its parse, the shared state is still A's
+    assert prepared_state_path(project).read_bytes() == a_state.read_bytes()
+    events = parse_events()
+    assert "UnableToPartialParse" not in events and "ParsedFileLoadFailed" not in events, events
