@@ -27,7 +27,7 @@ from localenv.simulator import simulate
 
 from platform_assets.assembly import Platform, build_platform
 from platform_assets.dbt_assets import INDIRECT_SELECTION_TAG, build_args
-from platform_assets.dbt_project import prepare
+from platform_assets.dbt_project import parse_profile_state
 from platform_assets.fingerprints import differing_days
 from platform_assets.settings import DBT_PROJECT_DIR, REPO_ROOT, load_settings
 
@@ -223,14 +223,14 @@ class Bench:
                 "DUCKDB_PATH": str(folder / "warehouse.duckdb"), **(extra or {})}
 
     def _load_platform(self, env: str) -> Platform:
-        """The platform for a stage, loaded before its clock starts, with its manifest and the
-        parse state its dbt commands start from prepared with the stage's own settings (as a
-        deployment's are): dagster-dbt's preparer, i.e. `dbt parse` into the environment's
-        target folder."""
+        """The platform for a stage, loaded before its clock starts (its manifest prepared if
+        stale), and the parse state its dbt commands start from made with the stage's own
+        settings, as a deployment's is after its first command. The shared manifest is left
+        alone: other processes may be reading it."""
         t0 = time.perf_counter()
         with self.captured():
             platform = build_platform(load_settings())
-            prepare(platform.project)
+            parse_profile_state(platform.project)
         self.results.extra.setdefault("platform_load_s", {})[env] = round(time.perf_counter() - t0, 3)
         return platform
 

@@ -17,7 +17,14 @@ import dagster as dg
 from dagster_dbt import DbtCliResource, DbtProject
 from dagster_dbt.errors import DagsterDbtCliRuntimeError
 
-from .dbt_project import PARSE_STATE, keep_parse_state, parse_state_path, prune_run_folders, run_target_path
+from .dbt_project import (
+    PARSE_STATE,
+    keep_parse_state,
+    parse_state_path,
+    prune_run_folders,
+    run_target_path,
+    seed_parse_state,
+)
 from .preflight import explain_dbt_failure, redact
 from .resources import ReplicaResource, WarehouseResource, quoted, run_preflight, sql_literal
 from .settings import PlatformSettings
@@ -37,6 +44,7 @@ def run_dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: Dbt
     setting is wrong); fails the step when dbt succeeded without building an asset it selected."""
     run_preflight(replica, warehouse)
     target = run_target_path(project, context)
+    seed_parse_state(project, target)
     invocation = dbt.cli(args, context=context, target_path=target)
     built: set[dg.AssetKey] = set()
     events = _stream(invocation, context, warehouse)
@@ -64,9 +72,10 @@ def run_dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: Dbt
 
 
 def keep_command_state(project: DbtProject, target: Path, log) -> None:
-    """The parse state this command wrote (dbt writes it once parsing is done, whatever the
-    build's outcome) becomes its profile's (dbt_project.py): the next command starts from it
-    instead of parsing the whole project again. A state dbt cannot read costs one full parse."""
+    """The parse state in this command's folder (the one it started from, or the one dbt wrote
+    once parsing changed anything, whatever the build's outcome) becomes its profile's
+    (dbt_project.py): the next command starts from it instead of parsing the whole project
+    again. A state dbt cannot read costs one full parse."""
     kept, written = parse_state_path(project), target / PARSE_STATE
     if not written.exists():
         return

@@ -2,16 +2,17 @@
 
 One resolved environment feeds both the parsed manifest and the dbt resource, so the graph
 that is parsed is the graph that runs. Each environment parses into its own target folder
-(`target/<env>`). Every dbt command starts from a partial-parse state (dbt's
-`--partial-parse-file-path`), which dbt uses only with the connection settings it was
-parsed with (dbt's "profile has changed": a full parse, ~5 s, on every command). So the
-state is kept per connection profile, `target/<env>/parse-states/<key>.msgpack`, the key a
-hash of the connection variables profiles.yml reads (passwords left out, as dbt leaves
-them out of its own check): seeded by the preparation's own parse, then replaced after each
-command by the state dbt wrote in that command's run folder. Two deployments of one
-environment (another DUCKDB_PATH, the tests' warehouses) no longer make each other's
-commands parse in full. In production the image's state was parsed with placeholders; the
-first command of a task parses and keeps the state for the next ones.
+(`target/<env>`). Every dbt command starts from a partial-parse state, which dbt uses only
+with the connection settings it was parsed with (dbt's "profile has changed": a full parse,
+~5 s, on every command). So the state is kept per connection profile,
+`target/<env>/parse-states/<key>.msgpack`, the key a hash of the connection variables
+profiles.yml reads (passwords left out, as dbt leaves them out of its own check): seeded by
+the preparation's state, copied into each command's run folder (where dbt reads it, and
+rewrites it when parsing changed anything), and replaced after the command by what that
+folder holds. Two deployments of one environment (another DUCKDB_PATH, the tests'
+warehouses) no longer make each other's commands parse in full. In production the image's
+state was parsed with placeholders; the first command of a task parses and keeps the state
+for the next ones.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from dagster_dbt import DbtCliResource, DbtProject
+from dagster_dbt.errors import DagsterDbtCliRuntimeError
 
 from .settings import DBT_PROJECT_DIR, PlatformSettings
 
@@ -63,33 +65,45 @@ def dbt_project_for(settings: PlatformSettings) -> DbtProject:
         prepare(project)
     else:
         project.prepare_if_dev()
-    # dbt refuses a --partial-parse-file-path that does not exist: a profile seen for the
-    # first time starts from the preparation's state (another profile's, perhaps: then its
-    # first command parses in full, and its own state replaces this one).
-    kept, prepared = parse_state_path(project), prepared_state_path(project)
-    if not kept.exists() and prepared.exists():
-        try:
-            keep_parse_state(kept, prepared)
-        except OSError:
-            pass
     return project
 
 
 def prepare(project: DbtProject) -> None:
     """dagster-dbt's preparation (`dbt parse` into the environment's target folder: the
-    manifest the code location loads), then a `dbt parse` of this process's own, in a folder of
-    its own, whose state becomes this profile's. The preparation's state cannot be trusted to
-    be it: another process (a `dagster dev` of another profile) may replace it meanwhile, and
-    dagster-dbt skips the parse when another process prepared while it waited for its lock."""
+    manifest the code location loads), then this profile's own parse state."""
     project.preparer.prepare(project)
+    parse_profile_state(project)
+
+
+def parse_profile_state(project: DbtProject) -> None:
+    """A `dbt parse` in a folder of its own, whose state becomes this profile's. The
+    preparation's state cannot be trusted to be it: another process (a `dagster dev` of another
+    profile) may replace it meanwhile, and dagster-dbt skips the parse when another process
+    prepared while it waited for its lock."""
     runs = Path(project.project_dir) / project.target_path / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="prepare-", dir=runs) as folder:
-        dbt_resource(project).cli(["parse", "--quiet"], target_path=Path(folder)).wait()
+        seed_parse_state(project, Path(folder))
         try:
+            dbt_resource(project).cli(["parse", "--quiet"], target_path=Path(folder)).wait()
             keep_parse_state(parse_state_path(project), Path(folder) / PARSE_STATE)
-        except OSError:  # the first command parses in full and keeps its own state
+        except (DagsterDbtCliRuntimeError, OSError):  # the first command parses in full instead
             pass
+
+
+def seed_parse_state(project: DbtProject, folder: Path) -> None:
+    """Put this profile's parse state (else the preparation's) in a dbt command's target folder,
+    where dbt reads it and, if parsing changed anything, rewrites it. Else the folder would get
+    whatever `target/partial_parse.msgpack` a plain `dbt` in the project left (dagster-dbt
+    copies it in), and that would be kept as this profile's."""
+    state = parse_state_path(project)
+    if not state.exists():
+        state = prepared_state_path(project)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copyfile(state, folder / PARSE_STATE)
+    except OSError:  # none yet, or pruned meanwhile: dbt parses in full
+        pass
 
 
 def prepared_state_path(project: DbtProject) -> Path:
@@ -160,17 +174,12 @@ def manifest_is_stale(project: DbtProject) -> bool:
 
 
 def dbt_resource(project: DbtProject) -> DbtCliResource:
-    """dagster-dbt's resource for this project; every command starts from this connection
-    profile's parse state, else the preparation's (dbt refuses a path that does not exist)."""
-    state = parse_state_path(project)
-    if not state.exists():
-        state = prepared_state_path(project)
+    """dagster-dbt's resource for this project, through platform-dbt (dbt_launcher.py)."""
     return DbtCliResource(
         project_dir=project,
         profiles_dir=str(project.profiles_dir),
         target=project.target,
         dbt_executable=DBT_EXECUTABLE,
-        global_config_flags=["--partial-parse-file-path", str(state)] if state.exists() else [],
     )
 
 

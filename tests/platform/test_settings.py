@@ -212,18 +212,20 @@ def test_parse_states_are_per_connection_profile(tmp_path, monkeypatch):
         f"state {KEPT_PARSE_STATES + 2}".encode()
 
 
-def test_prepare_keeps_a_state_of_its_own_profile_when_another_prepared_meanwhile(tmp_path, monkeypatch):
-    """dagster-dbt's preparation skips its `dbt parse` when another process prepared while it
-    waited for the lock (its FileLock beside the manifest), leaving that process's parse state
-    in the shared target folder. prepare() must still leave this profile a state dbt accepts:
-    its next command parses partially, not in full ("profile has changed")."""
+def test_a_profile_keeps_its_own_parse_state_whatever_other_profiles_leave(tmp_path, monkeypatch):
+    """Two things another profile leaves must not become this profile's parse state:
+    - the preparation's state, when another process prepared while this one waited for
+      dagster-dbt's lock (FileLock beside the manifest: dagster-dbt then skips its parse);
+    - a `target/partial_parse.msgpack` a plain `dbt` in the project wrote (dagster-dbt copies it
+      into a command's folder where none is).
+    Either would make this profile's next command parse in full ("profile has changed")."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
     from dagster_dbt import DbtProject
     from filelock import FileLock
 
-    from platform_assets.dbt_project import dbt_resource, prepare, prepared_state_path
+    from platform_assets.dbt_project import dbt_resource, prepare, prepared_state_path, seed_parse_state
 
     (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
     (tmp_path / "profiles.yml").write_text(
@@ -233,30 +235,39 @@ def test_prepare_keeps_a_state_of_its_own_profile_when_another_prepared_meanwhil
     (tmp_path / "models" / "a.sql").write_text("select 1 as a")
     project = DbtProject(project_dir=tmp_path, target_path="target/local", target="local")
 
-    def parse_events() -> list[str]:
-        invocation = dbt_resource(project).cli(["parse"], target_path=tmp_path / "check")
+    def parse_events(name: str) -> list[str]:
+        """The events of a dbt command started as run_dbt starts one."""
+        folder = tmp_path / name
+        seed_parse_state(project, folder)
+        invocation = dbt_resource(project).cli(["parse"], target_path=folder)
         names = [event.raw_event["info"]["name"] for event in invocation.stream_raw_events()]
         invocation.wait()
         return names
 
     monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "a.duckdb"))
     project.preparer.prepare(project)
-    a_state = tmp_path / "a-state.msgpack"
-    a_state.write_bytes(prepared_state_path(project).read_bytes())
+    a_state = prepared_state_path(project).read_bytes()
 
     monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "b.duckdb"))
     lock = FileLock(project.manifest_path.with_suffix(".concurrent-update-lock"))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        with lock:
-            waiting = pool.submit(prepare, project)
-            time.sleep(1.0)  # prepare() is waiting for the lock
-            # what profile A's preparation, in another process, leaves behind
-            prepared_state_path(project).write_bytes(a_state.read_bytes())
-            later = time.time() + 2
-            os.utime(project.manifest_path, (later, later))
-        waiting.result(timeout=120)
+    # prepare() must be waiting for the lock before A's preparation "ends": on a busy machine
+    # it may not be after the first wait, and then the preparation parsed with B; try longer.
+    for wait_s in (1, 4, 12):
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            with lock:
+                waiting = pool.submit(prepare, project)
+                time.sleep(wait_s)
+                # what profile A's preparation, in another process, leaves behind
+                prepared_state_path(project).write_bytes(a_state)
+                later = project.manifest_path.stat().st_mtime + 2
+                os.utime(project.manifest_path, (later, later))
+            waiting.result()
+        if prepared_state_path(project).read_bytes() == a_state:
+            break  # the preparation skipped its parse: the shared state is still A's
+    assert prepared_state_path(project).read_bytes() == a_state, "the preparation never skipped"
+    events = parse_events("after-skipped-preparation")
+    assert "UnableToPartialParse" not in events and "ParsedFileLoadFailed" not in events, events
 
-    # the scenario happened: the preparation skipped its parse, the shared state is still A's
-    assert prepared_state_path(project).read_bytes() == a_state.read_bytes()
-    events = parse_events()
+    (tmp_path / "target" / "partial_parse.msgpack").write_bytes(a_state)
+    events = parse_events("beside-a-plain-dbt-state")
     assert "UnableToPartialParse" not in events and "ParsedFileLoadFailed" not in events, events
