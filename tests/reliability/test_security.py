@@ -6,6 +6,7 @@ cannot write on the primary by itself is tests/local/test_environment.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -122,9 +123,16 @@ def _secrets(pg_env) -> dict[str, str]:
 
 
 def _files(root: Path, since: float | None = None):
-    for path in root.rglob("*"):
-        if path.is_file() and (since is None or path.stat().st_mtime >= since):
-            yield path
+    """Files under root, skipping what another worker removes meanwhile (run folders, the
+    preparation's temporary folder, parse states replaced by a rename)."""
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(folder) / name
+            try:
+                if since is None or path.stat().st_mtime >= since:
+                    yield path
+            except OSError:
+                continue
 
 
 def test_no_password_in_logs_storage_or_run_metadata(pg_env, materialized, tmp_path_factory):
