@@ -44,8 +44,7 @@ def run_dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: Dbt
     setting is wrong); fails the step when dbt succeeded without building an asset it selected."""
     run_preflight(replica, warehouse)
     target = run_target_path(project, context)
-    seed_parse_state(project, target)
-    invocation = dbt.cli(args, context=context, target_path=target)
+    invocation = start_dbt(dbt, project, args, target, context)
     built: set[dg.AssetKey] = set()
     events = _stream(invocation, context, warehouse)
     if context.assets_def.partitions_def is not None:
@@ -69,6 +68,14 @@ def run_dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: Dbt
         prune_run_folders(target.parent)
     except OSError as exc:  # housekeeping: never fails a run that succeeded
         context.log.warning(f"could not remove old dbt run folders under {target.parent}: {exc}")
+
+
+def start_dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], target: Path,
+              context: dg.AssetExecutionContext | None = None):
+    """dbt `args` in the run folder `target`, starting from its profile's parse state
+    (keep_command_state keeps the one it ends with)."""
+    seed_parse_state(project, target)
+    return dbt.cli(args, context=context, target_path=target)
 
 
 def keep_command_state(project: DbtProject, target: Path, log) -> None:

@@ -18,6 +18,7 @@ for the next ones.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -70,9 +71,13 @@ def dbt_project_for(settings: PlatformSettings) -> DbtProject:
 
 def prepare(project: DbtProject) -> None:
     """dagster-dbt's preparation (`dbt parse` into the environment's target folder: the
-    manifest the code location loads), then this profile's own parse state."""
+    manifest the code location loads), then this profile's own parse state; if that parse
+    fails, the profile's first command parses in full instead, and says why."""
     project.preparer.prepare(project)
-    parse_profile_state(project)
+    try:
+        parse_profile_state(project)
+    except (DagsterDbtCliRuntimeError, OSError) as exc:
+        logging.getLogger(__name__).warning(f"dbt parse for this profile's parse state failed: {exc}")
 
 
 def parse_profile_state(project: DbtProject) -> None:
@@ -84,11 +89,8 @@ def parse_profile_state(project: DbtProject) -> None:
     runs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="prepare-", dir=runs) as folder:
         seed_parse_state(project, Path(folder))
-        try:
-            dbt_resource(project).cli(["parse", "--quiet"], target_path=Path(folder)).wait()
-            keep_parse_state(parse_state_path(project), Path(folder) / PARSE_STATE)
-        except (DagsterDbtCliRuntimeError, OSError):  # the first command parses in full instead
-            pass
+        dbt_resource(project).cli(["parse", "--quiet"], target_path=Path(folder)).wait()
+        keep_parse_state(parse_state_path(project), Path(folder) / PARSE_STATE)
 
 
 def seed_parse_state(project: DbtProject, folder: Path) -> None:
@@ -96,14 +98,13 @@ def seed_parse_state(project: DbtProject, folder: Path) -> None:
     where dbt reads it and, if parsing changed anything, rewrites it. Else the folder would get
     whatever `target/partial_parse.msgpack` a plain `dbt` in the project left (dagster-dbt
     copies it in), and that would be kept as this profile's."""
-    state = parse_state_path(project)
-    if not state.exists():
-        state = prepared_state_path(project)
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        shutil.copyfile(state, folder / PARSE_STATE)
-    except OSError:  # none yet, or pruned meanwhile: dbt parses in full
-        pass
+    for state in (parse_state_path(project), prepared_state_path(project)):
+        try:
+            shutil.copyfile(state, folder / PARSE_STATE)
+            return
+        except OSError:  # none yet, or pruned meanwhile (then dbt parses in full)
+            continue
 
 
 def prepared_state_path(project: DbtProject) -> Path:

@@ -394,7 +394,7 @@ def test_a_selected_asset_dbt_did_not_build_fails_the_step(built, tmp_path):
     snapshots_yml.write_text(text[:start] + text[end:])  # the project dbt runs has not
     models, _daily = build_dbt_assets(project, platform.settings)
     resources = {**built.defs.resources, "dbt": built.defs.resources["dbt"].model_copy(
-        update={"project_dir": str(copy), "profiles_dir": str(copy), "global_config_flags": []})}
+        update={"project_dir": str(copy), "profiles_dir": str(copy)})}
     defs = dg.Definitions(assets=[models], resources=resources)
     snapshots = {key for key in models.keys if key.path[0] == "snapshots"}
     job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection=snapshots)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import datetime
 
@@ -225,7 +226,8 @@ def test_a_profile_keeps_its_own_parse_state_whatever_other_profiles_leave(tmp_p
     from dagster_dbt import DbtProject
     from filelock import FileLock
 
-    from platform_assets.dbt_project import dbt_resource, prepare, prepared_state_path, seed_parse_state
+    from platform_assets.dbt_command import keep_command_state, start_dbt
+    from platform_assets.dbt_project import dbt_resource, parse_state_path, prepare, prepared_state_path
 
     (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
     (tmp_path / "profiles.yml").write_text(
@@ -236,12 +238,12 @@ def test_a_profile_keeps_its_own_parse_state_whatever_other_profiles_leave(tmp_p
     project = DbtProject(project_dir=tmp_path, target_path="target/local", target="local")
 
     def parse_events(name: str) -> list[str]:
-        """The events of a dbt command started as run_dbt starts one."""
+        """The events of a dbt command started and ended as run_dbt does."""
         folder = tmp_path / name
-        seed_parse_state(project, folder)
-        invocation = dbt_resource(project).cli(["parse"], target_path=folder)
+        invocation = start_dbt(dbt_resource(project), project, ["parse"], folder)
         names = [event.raw_event["info"]["name"] for event in invocation.stream_raw_events()]
         invocation.wait()
+        keep_command_state(project, folder, logging.getLogger(__name__))
         return names
 
     monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "a.duckdb"))
@@ -268,6 +270,8 @@ def test_a_profile_keeps_its_own_parse_state_whatever_other_profiles_leave(tmp_p
     events = parse_events("after-skipped-preparation")
     assert "UnableToPartialParse" not in events and "ParsedFileLoadFailed" not in events, events
 
+    b_state = parse_state_path(project).read_bytes()
     (tmp_path / "target" / "partial_parse.msgpack").write_bytes(a_state)
     events = parse_events("beside-a-plain-dbt-state")
     assert "UnableToPartialParse" not in events and "ParsedFileLoadFailed" not in events, events
+    assert parse_state_path(project).read_bytes() == b_state  # nothing changed: dbt wrote none

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -129,10 +130,11 @@ def _files(root: Path, since: float | None = None):
         for name in names:
             path = Path(folder) / name
             try:
-                if since is None or path.stat().st_mtime >= since:
-                    yield path
+                status = path.stat()
             except OSError:
                 continue
+            if stat.S_ISREG(status.st_mode) and (since is None or status.st_mtime >= since):
+                yield path
 
 
 def test_no_password_in_logs_storage_or_run_metadata(pg_env, materialized, tmp_path_factory):
