@@ -6,7 +6,6 @@ Tests build one per engine; `platform_assets/definitions.py` builds the one that
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import dagster as dg
@@ -16,7 +15,7 @@ from .automation import automation_sensors, observe_schedule, run_failure_alert
 from .changes import DailyFacts, changes_sensor, matches_replica_check
 from .checks import replica_lag_check_keys
 from .dbt_assets import SIZING, WAREHOUSE_POOL, PlatformTranslator, build_dbt_assets
-from .dbt_project import dbt_project_for, dbt_resource
+from .dbt_project import dbt_project_for, dbt_resource, read_manifest
 from .exports import Exports, build_exports
 from .exposures import Dashboard, dashboard_refresh_sensor, dashboard_specs, dashboards_from_manifest
 from .resources import replica_resource, warehouse_resource
@@ -44,7 +43,7 @@ class Platform:
 
 def build_platform(settings: PlatformSettings) -> Platform:
     dbt_project = dbt_project_for(settings)
-    manifest = json.loads(dbt_project.manifest_path.read_text())
+    manifest = read_manifest(dbt_project)
     federated_sources, federated_tables = build_federated_sources(
         manifest, settings.optional("REPLICA_SCHEMA", "app"), settings.max_replica_lag_seconds
     )

@@ -10,7 +10,6 @@ warehouse, so they share the `warehouse` pool (one at a time locally: a DuckDB f
 single writer).
 """
 
-import json
 import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -21,6 +20,7 @@ from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtC
 
 from .automation import automation_for
 from .dbt_command import has_partitions, layer_of, run_dbt
+from .dbt_project import read_manifest
 from .resources import ReplicaResource, WarehouseResource
 from .settings import PlatformSettings
 
@@ -172,7 +172,7 @@ def attach_source_tests(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_dbt_assets(project: DbtProject, settings: PlatformSettings,
                      lag_checks: dg.AssetSelection | None = None) -> list[dg.AssetsDefinition]:
-    manifest = attach_source_tests(json.loads(project.manifest_path.read_text()))
+    manifest = attach_source_tests(read_manifest(project))
     translator = PlatformTranslator(engine=settings.engine, lag_checks=lag_checks)
     # The daily set's translator leaves the source tests to the unpartitioned set, and the
     # choice of days to the daily_facts_changes sensor (changes.py).

@@ -18,6 +18,7 @@ for the next ones.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -105,6 +106,18 @@ def seed_parse_state(project: DbtProject, folder: Path) -> None:
             return
         except OSError:  # none yet, or pruned meanwhile (then dbt parses in full)
             continue
+
+
+def read_manifest(project: DbtProject, attempts: int = 40) -> dict:
+    """The parsed manifest. dbt writes it in place, not by a rename, and under `dagster dev`
+    dagster-dbt's preparation rewrites it in the code server and in every run worker: a read
+    that meets it half-written waits a moment and reads again."""
+    for _ in range(attempts - 1):
+        try:
+            return json.loads(project.manifest_path.read_text())
+        except json.JSONDecodeError:
+            time.sleep(0.25)
+    return json.loads(project.manifest_path.read_text())
 
 
 def prepared_state_path(project: DbtProject) -> Path:

@@ -275,3 +275,49 @@ def test_a_profile_keeps_its_own_parse_state_whatever_other_profiles_leave(tmp_p
     events = parse_events("beside-a-plain-dbt-state")
     assert "UnableToPartialParse" not in events and "ParsedFileLoadFailed" not in events, events
     assert parse_state_path(project).read_bytes() == b_state  # nothing changed: dbt wrote none
+
+
+def test_a_manifest_rewritten_in_place_is_read_whole(tmp_path):
+    """dbt rewrites manifest.json in place (under `dagster dev`, in every run worker): a
+    platform loading meanwhile reads it whole, where a single read meets a half-written file."""
+    import json
+    import threading
+    import time
+
+    from dagster_dbt import DbtProject
+
+    from platform_assets.dbt_project import read_manifest
+
+    (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
+    project = DbtProject(project_dir=tmp_path, target_path="target/local")
+    manifest = {"nodes": {f"model.tiny.m{i}": {"name": f"m{i}", "sql": "x" * 200} for i in range(500)}}
+    text = json.dumps(manifest)
+    project.manifest_path.parent.mkdir(parents=True)
+    project.manifest_path.write_text(text)
+    stop = threading.Event()
+
+    def rewrite_in_place():
+        while not stop.is_set():
+            with open(project.manifest_path, "w") as f:  # truncates, as dbt's write does
+                f.write(text[: len(text) // 2])
+                f.flush()
+                time.sleep(0.05)
+                f.write(text[len(text) // 2:])
+            time.sleep(0.05)
+
+    writer = threading.Thread(target=rewrite_in_place)
+    writer.start()
+    try:
+        single_reads_failed = 0
+        for _ in range(20):
+            try:
+                json.loads(project.manifest_path.read_text())
+            except json.JSONDecodeError:
+                single_reads_failed += 1
+            time.sleep(0.013)
+        assert single_reads_failed > 0  # the hazard is real here
+        for _ in range(20):
+            assert read_manifest(project) == manifest
+    finally:
+        stop.set()
+        writer.join()
