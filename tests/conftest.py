@@ -5,6 +5,7 @@ dataset, torn down at the end."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -92,10 +93,28 @@ def pytest_xdist_make_scheduler(config, log):
     return None
 
 
+# Ports handed to servers that bind them only later (PostgreSQL after initdb, the webserver
+# after loading the code): below the kernel's ephemeral range, from which outgoing connections
+# and bind(0) (Dagster's gRPC servers) draw meanwhile, and split between the xdist workers.
+PORTS = range(10000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now that neither the other worker nor an ephemeral socket is handed."""
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    index = int(worker) % workers if worker.isdigit() else 0
+    size = len(PORTS) // workers
+    mine = PORTS[index * size:(index + 1) * size]
+    for _ in range(500):
+        port = random.choice(mine)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {mine.start}-{mine.stop - 1} after 500 tries")
 
 
 @dataclass
