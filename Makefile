@@ -79,7 +79,7 @@ ui: up dagster-home ## the Dagster UI (lineage, runs, backfills) on http://127.0
 	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 test: $(STAMP) $(CKV_STAMP) ## the whole suite (starts its own primary + replica on free ports)
-	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 churn: $(STAMP) ## the churn property test, CHURN_EXAMPLES (100) per engine (make test runs 8)
 	@CHURN_EXAMPLES=$${CHURN_EXAMPLES:-100} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests/platform/test_churn_duckdb.py tests/platform/test_churn_postgres.py
