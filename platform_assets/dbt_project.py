@@ -117,7 +117,13 @@ def read_manifest(project: DbtProject, attempts: int = 40) -> dict:
             return json.loads(project.manifest_path.read_text())
         except json.JSONDecodeError:
             time.sleep(0.25)
-    return json.loads(project.manifest_path.read_text())
+    try:
+        return json.loads(project.manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{project.manifest_path} is not whole JSON after {attempts * 0.25:.0f} s ({exc}): a dbt parse"
+            " stopped while writing it? Remove it: the next load of the code location parses the"
+            " project again.") from exc
 
 
 def prepared_state_path(project: DbtProject) -> Path:

@@ -95,25 +95,39 @@ def pytest_xdist_make_scheduler(config, log):
 
 # Ports handed to servers that bind them only later (PostgreSQL after initdb, the webserver
 # after loading the code): below the kernel's ephemeral range, from which outgoing connections
-# and bind(0) (Dagster's gRPC servers) draw meanwhile, and split between the xdist workers.
-PORTS = range(10000, 32000)
+# and bind(0) (Dagster's gRPC servers) draw meanwhile, split between the xdist workers, and
+# never the same one twice in a process.
+def _ports_below_ephemeral() -> range:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(10000, max(low, 12000))
+
+
+_handed_out: set[int] = set()
+_random = random.Random()  # not the global one, which hypothesis reseeds
 
 
 def free_port() -> int:
     """A port free now that neither the other worker nor an ephemeral socket is handed."""
+    ports = _ports_below_ephemeral()
     workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
     index = int(worker) % workers if worker.isdigit() else 0
-    size = len(PORTS) // workers
-    mine = PORTS[index * size:(index + 1) * size]
+    size = len(ports) // workers
+    mine = ports[index * size:(index + 1) * size]
     for _ in range(500):
-        port = random.choice(mine)
+        port = _random.choice(mine)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     raise RuntimeError(f"no free port in {mine.start}-{mine.stop - 1} after 500 tries")
 
 
