@@ -6,10 +6,11 @@ changed or removed in the README without this list following). The second test r
 blocks, unchanged, as bash scripts in a demo-like clone: `.local/` holding platform.env, the
 DuckDB warehouse built by `make demo`'s own commands (`localenv summary` and `localenv.demo`;
 `make up` is the session's servers here), the Dagster instance under `.local/dagster`, and
-`make ui`'s `dagster dev` serving the runs the commands submit (automation paused, so that
-only the README's runs are made). The companies go up to id 75, as in the demo data, which
-the exports command names. The demo's output is checked too: short, its row counts the
-warehouse's, and no asset "Unsynced" after a second run with no change in the source.
+`make ui`'s `dagster dev` serving the runs the commands submit (its sensors still tick: a run
+one started would show in the checks of the runs made, live_dagster.instance_config). The
+companies go up to id 75, as in the demo data, which the exports command names. The demo's
+output is checked too: short, its row counts the warehouse's, and no asset "Unsynced" after
+a second run with no change in the source.
 """
 
 from __future__ import annotations

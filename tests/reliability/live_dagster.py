@@ -64,7 +64,10 @@ class LiveDagster:
 
 def instance_config(**run_monitoring) -> dict:
     """The repository's local dagster.yaml with the test's overrides: short monitoring
-    intervals, and no automation sensors (they would start runs of their own)."""
+    intervals, and auto-materialize disabled. The automation sensors still tick (the asset
+    daemon runs them while `use_sensors` is true, its default), as do the platform's other
+    sensors and schedules; a run one of them started would show in the tests' checks of the
+    runs they made (none has so far)."""
     config = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
     config["run_monitoring"] = {**config["run_monitoring"], **run_monitoring}
     config["auto_materialize"] = {"enabled": False}
