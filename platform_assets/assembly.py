@@ -50,7 +50,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
     # Automation holds the refreshes downstream of a source whose replica_lag check failed.
     lag_check_keys = replica_lag_check_keys(t.key for t in federated_tables)
     dbt_models, dbt_daily_facts = build_dbt_assets(
-        dbt_project, settings, lag_checks=dg.AssetSelection.checks(*lag_check_keys)
+        dbt_project, manifest, settings, lag_checks=dg.AssetSelection.checks(*lag_check_keys)
     )
     source_keys = [t.key for t in federated_tables]
     daily_facts = DailyFacts(

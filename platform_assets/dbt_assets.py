@@ -20,7 +20,6 @@ from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtC
 
 from .automation import automation_for
 from .dbt_command import has_partitions, layer_of, run_dbt
-from .dbt_project import read_manifest
 from .resources import ReplicaResource, WarehouseResource
 from .settings import PlatformSettings
 
@@ -170,9 +169,10 @@ def attach_source_tests(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {**manifest, "nodes": nodes}
 
 
-def build_dbt_assets(project: DbtProject, settings: PlatformSettings,
+def build_dbt_assets(project: DbtProject, manifest: Mapping[str, Any], settings: PlatformSettings,
                      lag_checks: dg.AssetSelection | None = None) -> list[dg.AssetsDefinition]:
-    manifest = attach_source_tests(read_manifest(project))
+    """The two dbt asset sets of `project`, whose parsed `manifest` (read_manifest) is given."""
+    manifest = attach_source_tests(manifest)
     translator = PlatformTranslator(engine=settings.engine, lag_checks=lag_checks)
     # The daily set's translator leaves the source tests to the unpartitioned set, and the
     # choice of days to the daily_facts_changes sensor (changes.py).

@@ -17,14 +17,7 @@ import dagster as dg
 from dagster_dbt import DbtCliResource, DbtProject
 from dagster_dbt.errors import DagsterDbtCliRuntimeError
 
-from .dbt_project import (
-    PARSE_STATE,
-    keep_parse_state,
-    parse_state_path,
-    prune_run_folders,
-    run_target_path,
-    seed_parse_state,
-)
+from .dbt_project import keep_command_state, prune_run_folders, run_target_path, start_dbt
 from .preflight import explain_dbt_failure, redact
 from .resources import ReplicaResource, WarehouseResource, quoted, run_preflight, sql_literal
 from .settings import PlatformSettings
@@ -68,28 +61,6 @@ def run_dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource, project: Dbt
         prune_run_folders(target.parent)
     except OSError as exc:  # housekeeping: never fails a run that succeeded
         context.log.warning(f"could not remove old dbt run folders under {target.parent}: {exc}")
-
-
-def start_dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], target: Path,
-              context: dg.AssetExecutionContext | None = None):
-    """dbt `args` in the run folder `target`, starting from its profile's parse state
-    (keep_command_state keeps the one it ends with)."""
-    seed_parse_state(project, target)
-    return dbt.cli(args, context=context, target_path=target)
-
-
-def keep_command_state(project: DbtProject, target: Path, log) -> None:
-    """The parse state in this command's folder (the one it started from, or the one dbt wrote
-    once parsing changed anything, whatever the build's outcome) becomes its profile's
-    (dbt_project.py): the next command starts from it instead of parsing the whole project
-    again. A state dbt cannot read costs one full parse."""
-    kept, written = parse_state_path(project), target / PARSE_STATE
-    if not written.exists():
-        return
-    try:
-        keep_parse_state(kept, written)
-    except OSError as exc:  # housekeeping: the next command parses in full, nothing else
-        log.warning(f"could not keep dbt's parse state {written} as {kept}: {exc}")
 
 
 def stop_dbt(process: subprocess.Popen, log, grace_seconds: float = 10) -> None:

@@ -29,6 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
+import dagster as dg
 from dagster_dbt import DbtCliResource, DbtProject
 from dagster_dbt.errors import DagsterDbtCliRuntimeError
 
@@ -89,9 +90,30 @@ def parse_profile_state(project: DbtProject) -> None:
     runs = Path(project.project_dir) / project.target_path / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="prepare-", dir=runs) as folder:
-        seed_parse_state(project, Path(folder))
-        dbt_resource(project).cli(["parse", "--quiet"], target_path=Path(folder)).wait()
-        keep_parse_state(parse_state_path(project), Path(folder) / PARSE_STATE)
+        start_dbt(dbt_resource(project), project, ["parse", "--quiet"], Path(folder)).wait()
+        keep_command_state(project, Path(folder), logging.getLogger(__name__))
+
+
+def start_dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], target: Path,
+              context: dg.AssetExecutionContext | None = None):
+    """dbt `args` in the run folder `target`, starting from its profile's parse state
+    (keep_command_state keeps the one it ends with)."""
+    seed_parse_state(project, target)
+    return dbt.cli(args, context=context, target_path=target)
+
+
+def keep_command_state(project: DbtProject, target: Path, log) -> None:
+    """The parse state in this command's folder (the one it started from, or the one dbt wrote
+    once parsing changed anything, whatever the build's outcome) becomes its profile's (module
+    docstring): the next command starts from it instead of parsing the whole project
+    again. A state dbt cannot read costs one full parse."""
+    kept, written = parse_state_path(project), target / PARSE_STATE
+    if not written.exists():
+        return
+    try:
+        keep_parse_state(kept, written)
+    except OSError as exc:  # housekeeping: the next command parses in full, nothing else
+        log.warning(f"could not keep dbt's parse state {written} as {kept}: {exc}")
 
 
 def seed_parse_state(project: DbtProject, folder: Path) -> None:

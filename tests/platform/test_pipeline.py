@@ -381,6 +381,7 @@ def test_a_selected_asset_dbt_did_not_build_fails_the_step(built, tmp_path):
     from dagster_dbt import DbtProject
 
     from platform_assets.dbt_assets import build_dbt_assets
+    from platform_assets.dbt_project import read_manifest
 
     platform = built.platform
     copy = tmp_path / "dbt"
@@ -394,7 +395,7 @@ def test_a_selected_asset_dbt_did_not_build_fails_the_step(built, tmp_path):
     text = snapshots_yml.read_text()
     start, end = text.index("  - name: snp_app__users"), text.index("  - name: snp_app__subscriptions")
     snapshots_yml.write_text(text[:start] + text[end:])  # the project dbt runs has not
-    models, _daily = build_dbt_assets(project, platform.settings)
+    models, _daily = build_dbt_assets(project, read_manifest(project), platform.settings)
     resources = {**built.defs.resources, "dbt": built.defs.resources["dbt"].model_copy(
         update={"project_dir": str(copy), "profiles_dir": str(copy)})}
     defs = dg.Definitions(assets=[models], resources=resources)

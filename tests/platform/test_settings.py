@@ -226,8 +226,14 @@ def test_a_profile_keeps_its_own_parse_state_whatever_other_profiles_leave(tmp_p
     from dagster_dbt import DbtProject
     from filelock import FileLock
 
-    from platform_assets.dbt_command import keep_command_state, start_dbt
-    from platform_assets.dbt_project import dbt_resource, parse_state_path, prepare, prepared_state_path
+    from platform_assets.dbt_project import (
+        dbt_resource,
+        keep_command_state,
+        parse_state_path,
+        prepare,
+        prepared_state_path,
+        start_dbt,
+    )
 
     (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
     (tmp_path / "profiles.yml").write_text(

@@ -54,21 +54,28 @@ def _lag_check_results(result: dg.ExecuteInProcessResult) -> list[dg.AssetCheckE
     ]
 
 
-def _observe_until_lag_passes(put) -> None:
-    """Observe until the replica_lag checks ran and passed.
+def _until_lag_checks_pass(run_checks) -> list[dg.AssetCheckEvaluation]:
+    """Run the replica_lag checks until they all pass.
 
     Caught up, the lag reading can still show a few seconds for a moment (a trailing WAL
     record without a transaction: receive != replay, and the last replayed transaction is
     older). Every check must have reported: an empty result is not a pass.
     """
     for _ in range(15):
-        result = observe(put)
-        assert result.success
-        checks = _lag_check_results(result)
+        checks = run_checks()
         if checks and all(c.passed for c in checks):
-            return
+            return checks
         time.sleep(1)
     raise AssertionError(f"the replica_lag checks never passed: {[c.description for c in checks]}")
+
+
+def _observe_until_lag_passes(put) -> None:
+    """Observe until the observation's replica_lag checks ran and passed."""
+    def observed_checks():
+        result = observe(put)
+        assert result.success
+        return _lag_check_results(result)
+    _until_lag_checks_pass(observed_checks)
 
 
 def _checks_alone(put) -> list[dg.AssetCheckEvaluation]:
@@ -98,13 +105,7 @@ def test_lagging_replica_holds_refreshes_until_it_recovers(pg_env, tmp_path):
         assert len(unchanged_checks) == len(put.platform.federated_tables)
         if all(c.passed for c in unchanged_checks):
             assert unchanged.get_asset_observation_events() == []
-        # Alone, too (the same momentary reading as in _observe_until_lag_passes: try again).
-        for _ in range(15):
-            alone = _checks_alone(put)
-            if all(c.passed for c in alone):
-                break
-            time.sleep(1)
-        assert all(c.passed for c in alone), [c.description for c in alone]
+        _until_lag_checks_pass(lambda: _checks_alone(put))  # alone, too
         first = dg.evaluate_automation_conditions(defs=put.defs, instance=put.instance)
         quiet = dg.evaluate_automation_conditions(defs=put.defs, instance=put.instance, cursor=first.cursor)
         assert _requested(quiet) == set()
