@@ -159,11 +159,11 @@ def full_refresh(platform: Platform, instance: dg.DagsterInstance, progress,
 
 
 def refresh(platform: Platform, instance: dg.DagsterInstance, cursor, progress, select: str | None = None) -> dict:
-    """localenv.demo.automation_cycle (observe, evaluate the automation conditions, run what
-    they request and the days of the daily facts that differ from the replica, until nothing
-    more is requested), limited to the dbt assets."""
+    """localenv.demo.automation_cycle as the sensors' ordinary tick runs it (observe, evaluate
+    the automation conditions, run what they request and the recent days of the daily facts
+    that differ from the replica, until nothing more is requested), limited to the dbt assets."""
     r = Runner(platform, instance, progress)
-    cursor = automation_cycle(r, instance, cursor, keys=dbt_keys(platform, select))
+    cursor = automation_cycle(r, instance, cursor, keys=dbt_keys(platform, select), recent=True)
     return {"materialized": r.materialized, "cursor": cursor}
 
 

@@ -61,6 +61,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
         keys=frozenset(dbt_daily_facts.keys),
         partitions_def=dbt_daily_facts.partitions_def,
         max_gap_days=int(settings.optional("CHANGE_RANGE_MAX_GAP_DAYS", "7")),
+        recent_days=int(settings.optional("CHANGE_RECENT_DAYS", "14")),
     )
     # The dashboards (dbt exposures) and the customer exports: what reads the marts.
     dashboards = dashboards_from_manifest(manifest, PlatformTranslator(engine=settings.engine))
@@ -99,7 +100,6 @@ def build_platform(settings: PlatformSettings) -> Platform:
             *automation_sensors({"unpartitioned": (dbt_models, SIZING["unpartitioned"])}),
             changes_sensor(daily_facts, daily_facts_job, SIZING["daily"], settings.max_replica_lag_seconds,
                            settings.partitions_start,
-                           recent_days=int(settings.optional("CHANGE_RECENT_DAYS", "14")),
                            full_scan_minutes=float(settings.optional("CHANGE_FULL_SCAN_MINUTES", "60"))),
             run_failure_alert,
             exports.sensor,

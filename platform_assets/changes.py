@@ -41,6 +41,7 @@ RANGE_END_TAG = "dagster/asset_partition_range_end"
 REASON_TAG = "platform/reason"
 # Rebuilding a few unchanged days costs less than the fixed cost of one more run.
 DEFAULT_MAX_GAP_DAYS = 7
+DEFAULT_RECENT_DAYS = 14
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 
@@ -56,6 +57,8 @@ class DailyFacts:
     keys: frozenset[dg.AssetKey]
     partitions_def: dg.TimeWindowPartitionsDefinition
     max_gap_days: int = DEFAULT_MAX_GAP_DAYS
+    # what an ordinary tick of the sensor compares (the hourly full scan compares every day)
+    recent_days: int = DEFAULT_RECENT_DAYS
 
     # -- the two sides ---------------------------------------------------------------------
     def replica_fingerprints(self, replica: ReplicaResource, start: date | None = None,
@@ -89,6 +92,10 @@ class DailyFacts:
             in_warehouse = self.warehouse_fingerprints(warehouse, start)
             return differing_days(on_replica.result(), in_warehouse)
 
+    def recent_start(self) -> date:
+        """The first day an ordinary tick compares."""
+        return datetime.now(UTC).date() - timedelta(days=self.recent_days)
+
     # -- what to run -------------------------------------------------------------------------
     def requests(self, days: list[str], now: datetime | None = None) -> tuple[list[tuple[str, str]], list[str]]:
         """(partition ranges to run, days that no partition covers)."""
@@ -112,9 +119,9 @@ def in_progress_daily_run(instance: dg.DagsterInstance, keys: frozenset[dg.Asset
 
 
 def changes_sensor(facts: DailyFacts, job, run_tags: Mapping[str, str], max_lag_seconds: float,
-                   partitions_start: str, recent_days: int = 14, full_scan_minutes: float = 60) -> dg.SensorDefinition:
-    """Every tick compares the last `recent_days` days (where late events, edits and deletes
-    nearly all land); every `full_scan_minutes`, all days (docs/change-detection.md: cost)."""
+                   partitions_start: str, full_scan_minutes: float = 60) -> dg.SensorDefinition:
+    """Every tick compares the last `facts.recent_days` days (where late events, edits and
+    deletes nearly all land); every `full_scan_minutes`, all days (docs/change-detection.md: cost)."""
     @dg.sensor(
         name=CHANGES_SENSOR,
         job=job,
@@ -135,7 +142,7 @@ def changes_sensor(facts: DailyFacts, job, run_tags: Mapping[str, str], max_lag_
         state = json.loads(context.cursor) if context.cursor else {"ticks": 0, "full_scan_at": 0.0}
         now = time.time()
         full = now - state["full_scan_at"] >= full_scan_minutes * 60
-        start = None if full else datetime.now(UTC).date() - timedelta(days=recent_days)
+        start = None if full else facts.recent_start()
         try:
             days = facts.differing(replica, warehouse, start)
         except WarehouseBusy as exc:
@@ -147,7 +154,7 @@ def changes_sensor(facts: DailyFacts, job, run_tags: Mapping[str, str], max_lag_
         ranges, uncovered = facts.requests(days)
         if uncovered:
             context.log.warning(uncovered_message(uncovered, partitions_start))
-        scope = "all days" if full else f"the last {recent_days} days"
+        scope = "all days" if full else f"the last {facts.recent_days} days"
         if not ranges:
             return dg.SkipReason(f"{scope} of the daily facts match the replica")
         context.log.info(f"{len(days)} day(s) differ from the replica ({scope} compared): {', '.join(days[:20])}")

@@ -295,16 +295,22 @@ def _execute_on_warehouse(put, statement: str, params: tuple) -> None:
 
 
 def test_changes_sensor_and_the_reconciliation_check_see_a_day_the_warehouse_lost(built):
-    """A day of the fact lost in the warehouse (a write that never happened, whatever Dagster
-    recorded): the check fails with ERROR naming it, the sensor requests exactly that day, and
-    once its run is done the check passes and the sensor has nothing to request."""
+    """Days of the fact lost in the warehouse (writes that never happened, whatever Dagster
+    recorded): the check fails with ERROR naming the day its run covers; an ordinary tick of
+    the sensor requests exactly the recent day, the hourly full scan the old one too, and once
+    their run is done the check passes and the sensor has nothing to request."""
     facts = built.platform.daily_facts
     resources = {"replica": built.defs.resources["replica"], "warehouse": built.defs.resources["warehouse"]}
     sensor = built.defs.resolve_sensor_def("daily_facts_changes")
 
-    def tick() -> dg.SensorResult:
-        with dg.build_sensor_context(instance=built.instance, resources=resources) as context:
+    def tick(cursor: str | None = None):
+        """A tick; without a cursor the full scan is due."""
+        with dg.build_sensor_context(instance=built.instance, resources=resources, cursor=cursor) as context:
             return sensor.evaluate_tick(context)
+
+    def ranges(result) -> list[tuple[str, str]]:
+        return [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+                for r in result.run_requests]
 
     with dg.build_resources(resources) as res:
         for first, last in facts.requests(facts.differing(res.replica, res.warehouse))[0]:  # earlier tests' leftovers
@@ -313,10 +319,15 @@ def test_changes_sensor_and_the_reconciliation_check_see_a_day_the_warehouse_los
                                                "dagster/asset_partition_range_end": last}).success
         assert facts.differing(res.replica, res.warehouse) == []
     quiet = tick()
-    assert not quiet.run_requests and "match the replica" in quiet.skip_message
+    assert not quiet.run_requests and quiet.skip_message.startswith("all days"), quiet.skip_message
+    ordinary = quiet.cursor  # the full scan just done: the next ticks compare the recent days
 
-    day = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=3)).isoformat()
-    _execute_on_warehouse(built, "delete from marts.fct_lesson_events where event_date = %s", (day,))
+    today = dt.datetime.now(dt.UTC).date()
+    day = (today - dt.timedelta(days=3)).isoformat()
+    old = (today - dt.timedelta(days=facts.recent_days + 6)).isoformat()
+    assert old >= built.platform.settings.partitions_start
+    for lost in (day, old):
+        _execute_on_warehouse(built, "delete from marts.fct_lesson_events where event_date = %s", (lost,))
     tags = {"dagster/asset_partition_range_start": day, "dagster/asset_partition_range_end": day}
     check_key = dg.AssetCheckKey(facts.fact_key, "matches_replica")
     check_only = built.defs.resolve_implicit_global_asset_job_def().get_subset(
@@ -329,11 +340,11 @@ def test_changes_sensor_and_the_reconciliation_check_see_a_day_the_warehouse_los
     assert day in evaluation.description and evaluation.metadata["differing_days"].value == day
     assert [a for a in runner.attention if "matches_replica failed (ERROR)" in a and day in a], runner.attention
 
+    assert ranges(tick(ordinary)) == [(day, day)]
     requested = tick()
-    assert [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
-            for r in requested.run_requests] == [(day, day)]
-    run = built.defs.resolve_job_def("daily_facts").execute_in_process(instance=built.instance,
-                                                                      tags=requested.run_requests[0].tags)
+    assert ranges(requested) == [(old, old), (day, day)]
+    run = built.defs.resolve_job_def("daily_facts").execute_in_process(instance=built.instance, tags={
+        **requested.run_requests[0].tags, "dagster/asset_partition_range_end": day})
     assert run.success
     assert [c.passed for c in run.get_asset_check_evaluations() if c.check_name == "matches_replica"] == [True]
     assert not tick().run_requests

@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -118,18 +118,20 @@ class Runner:
         if keys:
             self.subset(f"models automation requested ({len(keys)})", keys)
 
-    def changed_days(self) -> list[tuple[str, str]]:
-        """What the daily_facts_changes sensor requests: ranges of days whose contents differ."""
+    def changed_days(self, start: date | None = None) -> list[tuple[str, str]]:
+        """What the daily_facts_changes sensor requests: ranges of days (from `start`, when
+        given) whose contents differ."""
         from platform_assets.changes import uncovered_message
 
         facts = self.platform.daily_facts
         t0 = time.monotonic()
-        self.starting("compare the days with the replica")
+        label = "compare the days with the replica" if start is None else f"compare days from {start} with replica"
+        self.starting(label)
         with dg.build_resources({"replica": self.defs.resources["replica"],
                                  "warehouse": self.defs.resources["warehouse"]}) as resources:
-            days = facts.differing(resources.replica, resources.warehouse)
+            days = facts.differing(resources.replica, resources.warehouse, start)
         ranges, uncovered = facts.requests(days)
-        self.progress(f"  {'compare the days with the replica':<44} {'ok':<6} "
+        self.progress(f"  {label:<44} {'ok':<6} "
                       f"{f'{len(days)} days differ' if days else 'no day differs':<24} {time.monotonic() - t0:6.1f}s")
         if uncovered:
             self.progress("  WARNING " + uncovered_message(uncovered, self.platform.settings.partitions_start))
@@ -226,10 +228,12 @@ def run_all(platform, instance: dg.DagsterInstance, progress=print, full_refresh
 
 
 def automation_cycle(r: Runner, instance: dg.DagsterInstance, cursor, keys: set[dg.AssetKey] | None = None,
-                     max_ticks: int = 5):
+                     max_ticks: int = 5, recent: bool = False):
     """Observe, then until nothing more is requested: evaluate the automation conditions and
     run what they request, and run the days of the daily facts that differ from the replica.
-    `keys`: only these assets (the benchmark's dbt assets). Returns the automation cursor."""
+    `keys`: only these assets (the benchmark's dbt assets). `recent`: compare only the recent
+    days, as an ordinary tick of the daily_facts_changes sensor does (its hourly scan and the
+    demo compare every day). Returns the automation cursor."""
     r.observe()
     for tick in range(max_ticks):
         result = evaluate_automation(r.defs, instance, cursor)
@@ -243,7 +247,7 @@ def automation_cycle(r: Runner, instance: dg.DagsterInstance, cursor, keys: set[
         # compared on the first tick; later, only if a run's matches_replica check found a day
         # its run did not fix (the check compares each run's days itself).
         compare = (keys is None or bool(keys & r.daily_keys)) and (tick == 0 or r.unmatched_days())
-        ranges = r.changed_days() if compare else []
+        ranges = r.changed_days(r.platform.daily_facts.recent_start() if recent else None) if compare else []
         r.daily_ranges(ranges, keys)
         if not requested and not ranges:
             break
