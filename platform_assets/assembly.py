@@ -43,7 +43,7 @@ class Platform:
 
 def build_platform(settings: PlatformSettings) -> Platform:
     dbt_project = dbt_project_for(settings)
-    manifest = read_manifest(dbt_project)
+    manifest = read_manifest(dbt_project, reparse=settings.env != "prod")
     federated_sources, federated_tables = build_federated_sources(
         manifest, settings.optional("REPLICA_SCHEMA", "app"), settings.max_replica_lag_seconds
     )

@@ -130,10 +130,12 @@ def seed_parse_state(project: DbtProject, folder: Path) -> None:
             continue
 
 
-def read_manifest(project: DbtProject, attempts: int = 40) -> dict:
+def read_manifest(project: DbtProject, attempts: int = 40, reparse: bool = False) -> dict:
     """The parsed manifest. dbt writes it in place, not by a rename, and under `dagster dev`
     dagster-dbt's preparation rewrites it in the code server and in every run worker: a read
-    that meets it half-written waits a moment and reads again."""
+    that meets it half-written waits a moment and reads again. One still cut short after that
+    was left by a parse that was stopped: with `reparse` (the local environments) the project
+    is prepared again, else (prod's packaged manifest) the load fails naming the file."""
     for _ in range(attempts - 1):
         try:
             return json.loads(project.manifest_path.read_text())
@@ -142,10 +144,13 @@ def read_manifest(project: DbtProject, attempts: int = 40) -> dict:
     try:
         return json.loads(project.manifest_path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"{project.manifest_path} is not whole JSON after {attempts * 0.25:.0f} s ({exc}): a dbt parse"
-            " stopped while writing it? Remove it: the next load of the code location parses the"
-            " project again.") from exc
+        problem = f"{project.manifest_path} is not whole JSON after {attempts * 0.25:.0f} s ({exc})"
+        if not reparse:
+            raise ValueError(f"{problem}: a dbt parse stopped while writing it? Build the image again"
+                             " (`dagster-dbt project prepare-and-package`).") from exc
+        logging.getLogger(__name__).warning(f"{problem}: a dbt parse stopped while writing it; parsing again")
+    prepare(project)
+    return json.loads(project.manifest_path.read_text())
 
 
 def prepared_state_path(project: DbtProject) -> Path:

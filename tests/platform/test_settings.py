@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from datetime import datetime
 
 import pytest
@@ -286,7 +288,6 @@ def test_a_profile_keeps_its_own_parse_state_whatever_other_profiles_leave(tmp_p
 def test_a_manifest_rewritten_in_place_is_read_whole(tmp_path):
     """dbt rewrites manifest.json in place (under `dagster dev`, in every run worker): a
     platform loading meanwhile reads it whole, where a single read meets a half-written file."""
-    import json
     import threading
     import time
 
@@ -327,3 +328,31 @@ def test_a_manifest_rewritten_in_place_is_read_whole(tmp_path):
     finally:
         stop.set()
         writer.join()
+
+
+def test_a_manifest_a_stopped_parse_cut_short_is_parsed_again_locally(tmp_path, monkeypatch):
+    """A `dbt parse` killed while writing manifest.json leaves it cut short and newer than the
+    project, so nothing looks stale: a local load parses the project again; prod's packaged
+    manifest fails naming the file instead."""
+    from dagster_dbt import DbtProject
+
+    from platform_assets.dbt_project import manifest_is_stale, prepare, read_manifest
+
+    (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
+    (tmp_path / "profiles.yml").write_text(
+        "tiny:\n  target: local\n  outputs:\n    local:\n      type: duckdb\n"
+        "      path: \"{{ env_var('DUCKDB_PATH') }}\"\n")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "a.sql").write_text("select 1 as a")
+    project = DbtProject(project_dir=tmp_path, target_path="target/local", target="local")
+    monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "a.duckdb"))
+    prepare(project)
+    whole = project.manifest_path.read_text()
+    project.manifest_path.write_text(whole[: len(whole) // 3])
+    assert not manifest_is_stale(project)
+
+    with pytest.raises(ValueError, match=re.escape(str(project.manifest_path))):
+        read_manifest(project, attempts=2)
+    manifest = read_manifest(project, attempts=2, reparse=True)
+    assert "model.tiny.a" in manifest["nodes"]
+    assert json.loads(project.manifest_path.read_text()) == manifest
