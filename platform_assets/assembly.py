@@ -12,7 +12,7 @@ import dagster as dg
 from dagster_dbt import DbtProject
 
 from .automation import automation_sensors, observe_schedule, run_failure_alert
-from .changes import DailyFacts, changes_sensor, matches_replica_check
+from .changes import DEFAULT_MAX_GAP_DAYS, DEFAULT_RECENT_DAYS, DailyFacts, changes_sensor, matches_replica_check
 from .checks import replica_lag_check_keys
 from .dbt_assets import SIZING, WAREHOUSE_POOL, PlatformTranslator, build_dbt_assets
 from .dbt_project import dbt_project_for, dbt_resource, read_manifest
@@ -60,8 +60,8 @@ def build_platform(settings: PlatformSettings) -> Platform:
         fact_key=next(k for k in dbt_daily_facts.keys if k.path[-1] == "fct_lesson_events"),
         keys=frozenset(dbt_daily_facts.keys),
         partitions_def=dbt_daily_facts.partitions_def,
-        max_gap_days=int(settings.optional("CHANGE_RANGE_MAX_GAP_DAYS", "7")),
-        recent_days=int(settings.optional("CHANGE_RECENT_DAYS", "14")),
+        max_gap_days=settings.number("CHANGE_RANGE_MAX_GAP_DAYS", DEFAULT_MAX_GAP_DAYS, minimum=0),
+        recent_days=settings.number("CHANGE_RECENT_DAYS", DEFAULT_RECENT_DAYS),
     )
     # The dashboards (dbt exposures) and the customer exports: what reads the marts.
     dashboards = dashboards_from_manifest(manifest, PlatformTranslator(engine=settings.engine))
@@ -100,7 +100,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
             *automation_sensors({"unpartitioned": (dbt_models, SIZING["unpartitioned"])}),
             changes_sensor(daily_facts, daily_facts_job, SIZING["daily"], settings.max_replica_lag_seconds,
                            settings.partitions_start,
-                           full_scan_minutes=float(settings.optional("CHANGE_FULL_SCAN_MINUTES", "60"))),
+                           full_scan_minutes=settings.number("CHANGE_FULL_SCAN_MINUTES", 60, float, minimum=0.1)),
             run_failure_alert,
             exports.sensor,
             dashboard_refresh_sensor(dashboards),

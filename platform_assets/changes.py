@@ -93,8 +93,8 @@ class DailyFacts:
             return differing_days(on_replica.result(), in_warehouse)
 
     def recent_start(self) -> date:
-        """The first day an ordinary tick compares."""
-        return datetime.now(UTC).date() - timedelta(days=self.recent_days)
+        """The first of the last `recent_days` days (today included): what an ordinary tick compares."""
+        return datetime.now(UTC).date() - timedelta(days=self.recent_days - 1)
 
     # -- what to run -------------------------------------------------------------------------
     def requests(self, days: list[str], now: datetime | None = None) -> tuple[list[tuple[str, str]], list[str]]:

@@ -144,13 +144,13 @@ def read_manifest(project: DbtProject, attempts: int = 40, reparse: bool = False
     try:
         return json.loads(project.manifest_path.read_text())
     except json.JSONDecodeError as exc:
-        problem = f"{project.manifest_path} is not whole JSON after {attempts * 0.25:.0f} s ({exc})"
+        problem = f"{project.manifest_path} is not whole JSON after {(attempts - 1) * 0.25:g} s ({exc})"
         if not reparse:
             raise ValueError(f"{problem}: a dbt parse stopped while writing it? Build the image again"
                              " (`dagster-dbt project prepare-and-package`).") from exc
         logging.getLogger(__name__).warning(f"{problem}: a dbt parse stopped while writing it; parsing again")
     prepare(project)
-    return json.loads(project.manifest_path.read_text())
+    return read_manifest(project, attempts)  # another process may be rewriting it already
 
 
 def prepared_state_path(project: DbtProject) -> Path:

@@ -136,6 +136,18 @@ class PlatformSettings:
         except ValueError:
             raise ConfigurationError(f"MAX_REPLICA_LAG_SECONDS={raw!r} is not a number") from None
 
+    def number(self, name: str, default: int | float, kind: type = int, minimum: int | float = 1) -> int | float:
+        """A count or duration setting: a number of `kind` of at least `minimum`, or an error naming it."""
+        raw = self.optional(name, str(default))
+        try:
+            value = kind(raw)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise ConfigurationError(
+                f"{name}={raw!r}: expected a {'whole ' if kind is int else ''}number of at least {minimum}")
+        return value
+
 
 
 def env_file_path(environ: dict[str, str]) -> Path:

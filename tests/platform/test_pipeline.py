@@ -318,14 +318,17 @@ def test_changes_sensor_and_the_reconciliation_check_see_a_day_the_warehouse_los
                 instance=built.instance, tags={"dagster/asset_partition_range_start": first,
                                                "dagster/asset_partition_range_end": last}).success
         assert facts.differing(res.replica, res.warehouse) == []
+        today = dt.datetime.now(dt.UTC).date()
+        day = (today - dt.timedelta(days=3)).isoformat()
+        old = (today - dt.timedelta(days=facts.recent_days + 6)).isoformat()
+        assert old >= built.platform.settings.partitions_start
+        for lost in (day, old):  # days with events: losing them changes what the warehouse holds
+            assert res.warehouse.fetch(f"select count(*) from marts.fct_lesson_events where event_date = '{lost}'"
+                                       )[0][0] > 0, lost
     quiet = tick()
     assert not quiet.run_requests and quiet.skip_message.startswith("all days"), quiet.skip_message
     ordinary = quiet.cursor  # the full scan just done: the next ticks compare the recent days
 
-    today = dt.datetime.now(dt.UTC).date()
-    day = (today - dt.timedelta(days=3)).isoformat()
-    old = (today - dt.timedelta(days=facts.recent_days + 6)).isoformat()
-    assert old >= built.platform.settings.partitions_start
     for lost in (day, old):
         _execute_on_warehouse(built, "delete from marts.fct_lesson_events where event_date = %s", (lost,))
     tags = {"dagster/asset_partition_range_start": day, "dagster/asset_partition_range_end": day}

@@ -59,6 +59,15 @@ def test_malformed_knobs_are_named():
     with pytest.raises(ConfigurationError, match="MAX_REPLICA_LAG_SECONDS"):
         settings = load_settings({"MAX_REPLICA_LAG_SECONDS": "soon", "PLATFORM_ENV_FILE": "/nonexistent"})
         _ = settings.max_replica_lag_seconds
+    for name, raw, kind, minimum in [("CHANGE_RECENT_DAYS", "two weeks", int, 1), ("CHANGE_RECENT_DAYS", "0", int, 1),
+                                     ("CHANGE_RANGE_MAX_GAP_DAYS", "1.5", int, 0),
+                                     ("CHANGE_RANGE_MAX_GAP_DAYS", "-1", int, 0),
+                                     ("CHANGE_FULL_SCAN_MINUTES", "-5", float, 0.1)]:
+        settings = load_settings({name: raw, "PLATFORM_ENV_FILE": "/nonexistent"})
+        with pytest.raises(ConfigurationError, match=re.escape(f"{name}={raw!r}")):
+            settings.number(name, 1, kind, minimum)
+    assert load_settings({"CHANGE_RANGE_MAX_GAP_DAYS": "0", "PLATFORM_ENV_FILE": "/nonexistent"}).number(
+        "CHANGE_RANGE_MAX_GAP_DAYS", 7, minimum=0) == 0
 
 
 def test_window_and_selection_args():
