@@ -104,6 +104,9 @@ def table(results: dict[str, Any]) -> str:
                      + " s, warehouse " + ", ".join(f"{r['warehouse_s']:.1f}" for r in reps)
                      + f" s per repetition, {reps[0]['days']} days; days differing after each (d): "
                      + ", ".join(str(x) for x in ms.get("d", {}).get("days_differing_after", [])) + ".")
+    if window := ms.get("d", {}).get("recent_window"):
+        lines.append(f"(d) compared the last {window['days']} days, which held {window['events']:,} of the source's"
+                     f" {window['source_events']:,} events (a reused source ages: the share shrinks day by day).")
     return "\n".join(lines) + "\n"
 
 

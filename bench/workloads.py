@@ -389,6 +389,11 @@ class Bench:
                                                   progress=lambda m: self.say(f"    {m.strip()}"),
                                                   select=self.config.select))
                 state["cursor"] = rep.detail.pop("cursor")
+                with self.source.primary() as conn:  # what the recent days held, not timed
+                    rep.detail["recent_window"] = dict(zip(("events", "source_events"), conn.execute(
+                        "select count(*) filter (where occurred_at >= %s), count(*) from app.lesson_events",
+                        (platform.daily_facts.recent_start(),)).fetchone(), strict=True),
+                        days=platform.daily_facts.recent_days)
                 # correct: nothing differs from the replica once the refresh is done
                 with dg.build_resources({"replica": platform.defs.resources["replica"],
                                          "warehouse": platform.defs.resources["warehouse"]}) as res:
@@ -407,9 +412,10 @@ class Bench:
                 restore_events(conn)
             self.source.local.cluster.wait_for_replay(timeout=600)
         entry = _record(self.results, "d", "incremental refresh through Dagster after a ~1% batch "
-                        "(new and late events, edits, deletes)", reps, new_events)
+                        "(new and late events, edits, deletes; recent days compared)", reps, new_events)
         entry["new_events_per_batch"] = new_events
         entry["days_differing_after"] = [r.detail.get("days_differing_after") for r in reps]
+        entry["recent_window"] = reps[-1].detail.get("recent_window")
 
     def change_detection(self, platform: Platform) -> None:
         """(f): the comparison that decides what the daily facts rebuild, alone: the per-day
