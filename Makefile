@@ -23,7 +23,7 @@ export LOCAL_DIR
 # The local Dagster instance lives under .local/dagster (dagster.yaml is copied there).
 DAGSTER_HOME_DIR := $(LOCAL_DIR)/dagster
 
-.PHONY: help venv up down status simulate clean demo full-refresh test churn dbt-build ui bench lint scan dagster-home
+.PHONY: help venv up down status simulate clean demo full-refresh test churn dbt-build ui portal bench lint scan dagster-home
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -75,6 +75,9 @@ demo: $(STAMP) ## the main job on the embedded default (DuckDB): every asset onc
 full-refresh: up dagster-home ## every asset through Dagster with every dbt model rebuilt in full
 	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m localenv.demo --full-refresh
 
+portal: $(STAMP) ## the customer portal on http://127.0.0.1:8090: each company's exports behind a sign-in
+	@$(PY) -m bi accounts && $(PY) -m bi serve
+
 ui: up dagster-home ## the Dagster UI (lineage, runs, backfills) on http://127.0.0.1:3000
 	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
@@ -88,7 +91,7 @@ bench: $(STAMP) ## EVENTS (8000000) events: Dagster vs plain dbt vs raw SQL vs P
 	@$(PY) -m bench
 
 lint: $(STAMP) ## ruff
-	@$(VENV)/bin/ruff check platform_assets deploy/local tests bench
+	@$(VENV)/bin/ruff check platform_assets deploy/local tests bench bi
 
 scan: $(CKV_STAMP) ## checkov over deploy/ (CloudFormation, Dockerfile), offline; failed checks only
 	@$(CKV_ENV) $(CKV_VENV)/bin/checkov --config-file .checkov.yaml --quiet

@@ -1,0 +1,1 @@
+"""The customers' side of the platform: the customer portal (bi/portal.py)."""

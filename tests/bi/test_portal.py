@@ -1,0 +1,227 @@
+"""The customer portal's export API, served for real (`python -m bi serve` on a free port) over
+exports the platform's own exporter wrote: sign-in, single sign-on, 401/403, path tampering,
+byte-for-byte files with their as-of time, and a large export streamed, not held in memory."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+
+from bi.portal import verify_password, write_accounts
+from platform_assets.export_writers import ExportTarget, duckdb_exporter, relations_from_manifest
+
+from ..conftest import free_port
+from ..platform.test_exports import AS_OF, MANIFEST, _company_ids, build_warehouse
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SSO_SECRET = "sso-" + "k" * 40
+
+
+@dataclass
+class Portal:
+    url: str
+    process: subprocess.Popen
+    exports: Path
+    home: Path
+    a: int
+    b: int
+    passwords: dict[str, str]
+
+    def signed_in(self, company_id: int) -> requests.Session:
+        session = requests.Session()
+        user = f"company-{company_id}"
+        r = session.post(f"{self.url}/login", data={"username": user, "password": self.passwords[user]},
+                         allow_redirects=False, timeout=30)
+        assert r.status_code == 303, r.text
+        return session
+
+
+def start_portal(env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bi", "serve"], cwd=REPO_ROOT, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def portal(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("portal")
+    ids = _company_ids()
+    build_warehouse(folder / "warehouse.duckdb", ids)
+    exports = folder / "exports"
+    with duckdb_exporter([f"ATTACH '{folder / 'warehouse.duckdb'}' AS wh (READ_ONLY)"],
+                         relations_from_manifest(MANIFEST), ExportTarget(root=str(exports))) as export:
+        for cid in ids:
+            export(cid, AS_OF)
+    a, b = ids[0], ids[-1]  # a small id and the largest bigint
+    home = folder / "portal"
+    passwords = write_accounts(home, [a, b])
+    port = free_port()
+    process = start_portal({"PORTAL_HOME": str(home), "EXPORT_URI": str(exports), "PORTAL_PORT": str(port),
+                            "PORTAL_SESSION_SECRET": "s" * 48, "PORTAL_SSO_SECRET": SSO_SECRET})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the portal did not answer /health in 60 s"
+            time.sleep(0.2)
+        yield Portal(url, process, exports, home, a, b, passwords)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _raw_get(url: str, path: str, cookie: str | None) -> tuple[int, bytes]:
+    """A GET of exactly `path`, not normalised by a client library."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", path, headers={"Cookie": f"portal_session={cookie}"} if cookie else {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_the_export_api_serves_each_company_only_its_own_file(portal):
+    a, b, url = portal.a, portal.b, portal.url
+    csv = "training_report.csv"
+    assert requests.get(f"{url}/api/exports/{a}/{csv}", timeout=30).status_code == 401
+    assert requests.get(f"{url}/", allow_redirects=False, timeout=30).headers["location"] == "/login"
+    for user, password in ((f"company-{a}", "wrong"), ("company-1", portal.passwords[f"company-{a}"]), ("", "")):
+        assert requests.post(f"{url}/login", data={"username": user, "password": password},
+                             timeout=30).status_code == 401
+
+    session = portal.signed_in(a)
+    for name in ("training_report.csv", "training_report.parquet"):
+        with session.get(f"{url}/api/exports/{a}/{name}", stream=True, timeout=60) as r:
+            assert r.status_code == 200, r.text
+            assert r.content == (portal.exports / f"company_id={a}" / name).read_bytes()
+            assert r.headers["X-Data-As-Of"] == AS_OF.isoformat()
+            assert r.headers["Cache-Control"] == "private, no-store"
+            assert f"company_{a}_{name}" in r.headers["content-disposition"]
+    assert session.get(f"{url}/api/exports/{b}/{csv}", timeout=30).status_code == 403
+    assert f"/api/exports/{a}/{csv}" in session.get(f"{url}/", timeout=30).text
+
+    cookie = session.cookies["portal_session"]
+    other = (portal.exports / f"company_id={b}" / csv).read_bytes()
+    for path in (f"/api/exports/{a}/../{b}/{csv}", f"/api/exports/{a}/..%2F{b}%2F{csv}",
+                 f"/api/exports/{a}/%2e%2e%2f%2e%2e%2fportal%2faccounts.json", f"/api/exports/{a}/accounts.json",
+                 f"/api/exports/{a}%2F..%2Fcompany_id={b}/{csv}", f"/api/exports/0{a}/{csv}",
+                 f"/api/exports/-{a}/{csv}", f"/api/exports/{a}.0/{csv}", f"/api/exports/{a}/{csv}%00.parquet",
+                 f"/api/exports/company_id={b}/{csv}", f"/api/exports/{b}/{csv}"):
+        status, body = _raw_get(url, path, cookie)
+        assert status in (400, 403, 404), (path, status)
+        assert other not in body and b"scrypt$" not in body, path
+
+    assert session.post(f"{url}/logout", allow_redirects=False, timeout=30).status_code == 303
+    assert session.get(f"{url}/api/exports/{a}/{csv}", timeout=30).status_code == 401
+    # a session cookie forged with another key is no session
+    forged = requests.Session()
+    forged.cookies.set("portal_session", cookie[:-4] + ("AAAA" if not cookie.endswith("AAAA") else "BBBB"))
+    assert forged.get(f"{url}/api/exports/{a}/{csv}", timeout=30).status_code == 401
+
+
+class _PastSigner(TimestampSigner):
+    def get_timestamp(self) -> int:
+        return int(time.time()) - 3600
+
+
+def test_single_sign_on_takes_only_a_fresh_token_signed_with_the_key(portal):
+    url, b = portal.url, portal.b
+
+    def sso(token: str) -> requests.Session:
+        session = requests.Session()
+        session.get(f"{url}/sso", params={"token": token}, allow_redirects=False, timeout=30)
+        return session
+
+    good = URLSafeTimedSerializer(SSO_SECRET, salt="portal-sso")
+    session = sso(good.dumps({"sub": "jane@customer-b", "company_id": b}))
+    r = session.get(f"{url}/api/exports/{b}/training_report.parquet", timeout=60)
+    assert r.status_code == 200 and r.content == (portal.exports / f"company_id={b}" / "training_report.parquet"
+                                                   ).read_bytes()
+    assert session.get(f"{url}/api/exports/{portal.a}/training_report.parquet", timeout=30).status_code == 403
+
+    expired = URLSafeTimedSerializer(SSO_SECRET, salt="portal-sso", signer=_PastSigner)
+    bad = [
+        URLSafeTimedSerializer("another-key", salt="portal-sso").dumps({"sub": "x", "company_id": b}),
+        expired.dumps({"sub": "x", "company_id": b}),
+        good.dumps({"sub": "x", "company_id": f"{b} or 1=1"}),
+        good.dumps({"sub": "x", "company_id": True}),
+        good.dumps({"sub": "x", "company_id": -b}),
+        good.dumps({"sub": "x"}),
+        "",
+    ]
+    for token in bad:
+        r = requests.get(f"{url}/sso", params={"token": token}, allow_redirects=False, timeout=30)
+        assert r.status_code == 401, token
+        assert "portal_session" not in r.cookies, token
+
+
+def test_a_large_export_is_streamed_not_held_in_memory(portal, tmp_path):
+    big = portal.exports / f"company_id={portal.a}" / "training_report.csv"
+    saved = tmp_path / "saved.csv"
+    big.rename(saved)
+    try:
+        block = b"enrollment,company,course,status\n" * 32768  # about 1 MiB
+        with open(big, "wb") as f:
+            for _ in range(256):
+                f.write(block)
+        server = psutil.Process(portal.process.pid)
+        before = server.memory_info().rss
+        peak, received = before, 0
+        with portal.signed_in(portal.a).get(f"{portal.url}/api/exports/{portal.a}/training_report.csv",
+                                            stream=True, timeout=120) as r:
+            assert r.status_code == 200
+            for chunk in r.iter_content(1 << 20):
+                received += len(chunk)
+                peak = max(peak, server.memory_info().rss)
+        assert received == big.stat().st_size == 256 * len(block)
+        assert peak - before < 64 << 20, f"the server grew by {(peak - before) >> 20} MiB for a 264 MiB file"
+    finally:
+        big.unlink(missing_ok=True)
+        saved.rename(big)
+
+
+def test_accounts_are_made_per_exported_company_and_kept(portal, tmp_path):
+    home = tmp_path / "portal"
+    env = {**os.environ, "PORTAL_HOME": str(home), "EXPORT_URI": str(portal.exports), "PORTAL_SESSION_SECRET": "",
+           "LOCAL_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-m", "bi", "accounts"], cwd=REPO_ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    accounts = json.loads((home / "accounts.json").read_text())
+    companies = sorted(int(p.name.split("=")[1]) for p in portal.exports.iterdir())
+    assert sorted(a["company_id"] for a in accounts.values()) == companies
+    lines = (home / "accounts.txt").read_text().splitlines()
+    assert len(lines) == len(companies)
+    user, password = lines[0].split()
+    assert verify_password(password, accounts[user]["password"]) and not verify_password(password + "x",
+                                                                                          accounts[user]["password"])
+    for name in ("accounts.json", "accounts.txt", "secrets.json"):
+        assert (home / name).stat().st_mode & 0o777 == 0o600, name
+    assert password not in (home / "accounts.json").read_text() and password not in first.stdout
+
+    again = subprocess.run([sys.executable, "-m", "bi", "accounts"], cwd=REPO_ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "0 new" in again.stdout, again.stdout + again.stderr
+    assert json.loads((home / "accounts.json").read_text()) == accounts
+
+    s3 = subprocess.run([sys.executable, "-m", "bi", "serve"], cwd=REPO_ROOT, capture_output=True, text=True,
+                        env={**env, "EXPORT_URI": "s3://bucket/exports"}, timeout=120)
+    assert s3.returncode == 2 and "EXPORT_URI='s3://bucket/exports'" in s3.stderr, s3.stderr
