@@ -7,10 +7,16 @@ once to `accounts.txt`, both mode 0600). In production the product signs its own
 a short-lived token: `GET /sso?token=...`, signed with itsdangerous by the key
 PORTAL_SSO_SECRET, payload `{"sub": <user>, "company_id": <int>}`, valid 60 s.
 
+Sessions live in the server process (the cookie holds a random id only): signing out ends a
+session for good, a token signs in once, and a session of a removed account ends with it. A
+restart signs everyone out; the sessions are not shared between processes (one process
+serves the portal).
+
 Exports: `GET /api/exports/<company_id>/training_report.csv|parquet` answers 401 without a
 session, 403 for another company's id, 404 for anything but a plain company id and a known
 file name (the path is built from the session's integer and a fixed name, never from the
-request's text), and streams the file from EXPORT_URI with its as-of time in `X-Data-As-Of`.
+request's text, and must stay inside EXPORT_URI once symlinks are resolved), and streams the
+file with its own as-of time in `X-Data-As-Of` (left out when the file does not say).
 """
 
 from __future__ import annotations
@@ -19,16 +25,21 @@ import hashlib
 import hmac
 import html
 import json
+import logging
 import os
 import re
 import secrets
-from dataclasses import dataclass
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs
 
 import duckdb
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
@@ -43,6 +54,9 @@ _COMPANY_ID = re.compile(r"[1-9][0-9]{0,18}")
 _COMPANY_FOLDER = re.compile(r"company_id=([1-9][0-9]{0,18})")
 SSO_MAX_AGE_S = 60
 SESSION_MAX_AGE_S = 8 * 3600
+MAX_LOGIN_BODY = 4096
+MIN_SECRET_LENGTH = 32
+log = logging.getLogger(__name__)
 
 
 class PortalError(RuntimeError):
@@ -65,20 +79,39 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(expected, digest)
 
 
-def write_private(path: Path, text: str, append: bool = False) -> None:
-    """Write a file only its owner can read (mode 0600 from its creation on)."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-    with os.fdopen(os.open(path, flags, 0o600), "a" if append else "w") as out:
-        out.write(text)
-    path.chmod(0o600)
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` whole with a file only its owner can read: written under a temporary name
+    created 0600, then renamed over it (a reader sees the old file or the new one)."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def read_json(path: Path, default: dict) -> dict:
+    """A JSON file of the portal's, or `default` when there is none; an unreadable one is an
+    error naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as exc:
+        raise PortalError(f"{path} cannot be read ({exc}): restore it or remove it") from None
+    if not isinstance(value, dict):
+        raise PortalError(f"{path} does not hold a JSON object: restore it or remove it")
+    return value
 
 
 def write_accounts(home: Path, company_ids: list[int]) -> dict[str, str]:
     """One account per company (`company-<id>`), kept if it exists. Returns the new accounts'
-    passwords, which are also appended to accounts.txt for the developer to sign in with."""
+    passwords, which are also added to accounts.txt for the developer to sign in with (before
+    the accounts are saved: no account exists whose password nobody was given)."""
     home.mkdir(parents=True, exist_ok=True)
     path = home / "accounts.json"
-    accounts = json.loads(path.read_text()) if path.exists() else {}
+    accounts = read_json(path, {})
     created = {}
     for company_id in company_ids:
         user = f"company-{int(company_id)}"
@@ -86,29 +119,50 @@ def write_accounts(home: Path, company_ids: list[int]) -> dict[str, str]:
             password = secrets.token_urlsafe(12)
             accounts[user] = {"company_id": int(company_id), "password": hash_password(password)}
             created[user] = password
-    write_private(path, json.dumps(accounts, indent=1))
     if created:
-        write_private(home / "accounts.txt", "".join(f"{u} {p}\n" for u, p in created.items()), append=True)
+        listed = home / "accounts.txt"
+        before = listed.read_text() if listed.exists() else ""
+        write_private(listed, before + "".join(f"{u} {p}\n" for u, p in created.items()))
+    write_private(path, json.dumps(accounts, indent=1))
     return created
 
 
 def exported_companies(export_root: Path) -> list[int]:
-    """The companies with an export folder under `export_root`, in numeric order."""
+    """The companies with an export folder under `export_root` (not a symlink), in numeric order."""
     if not export_root.is_dir():
         return []
     return sorted(int(m.group(1)) for p in export_root.iterdir()
-                  if p.is_dir() and (m := _COMPANY_FOLDER.fullmatch(p.name)))
+                  if not p.is_symlink() and p.is_dir() and (m := _COMPANY_FOLDER.fullmatch(p.name)))
 
 
-def export_as_of(parquet: Path) -> str:
-    """The export's `data_as_of`, from its Parquet key/value metadata ('' when absent)."""
+def _iso_utc(value: str) -> str | None:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+
+
+def export_as_of(path: Path) -> str | None:
+    """The file's own `data_as_of`: the Parquet file's key/value metadata, the CSV file's first
+    row (the exporter writes one and then the other, so each says its own). None when the file
+    does not say or cannot be read: the header is then left out, the download still served."""
     con = duckdb.connect()
     try:
-        row = con.execute("select value from parquet_kv_metadata(?) where key = ?",
-                          [str(parquet), DATA_AS_OF]).fetchone()
+        if path.suffix == ".parquet":
+            row = con.execute("select value from parquet_kv_metadata(?) where key = ?",
+                              [str(path), DATA_AS_OF]).fetchone()
+            value = row[0].decode("utf-8") if row else None
+        else:
+            row = con.execute(f"select {DATA_AS_OF} from read_csv(?, header = true, all_varchar = true) limit 1",
+                              [str(path)]).fetchone()
+            value = row[0] if row else None
+    except (duckdb.Error, UnicodeDecodeError) as exc:
+        log.warning(f"no as-of time from {path}: {exc}")
+        return None
     finally:
         con.close()
-    return row[0].decode() if row else ""
+    return _iso_utc(value) if value else None
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -122,18 +176,48 @@ class PortalConfig:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> PortalConfig:
-        env = dict(os.environ if environ is None else environ)
-        missing = [name for name in ("PORTAL_HOME", "EXPORT_URI", "PORTAL_SESSION_SECRET") if not env.get(name)]
+        env = {k: v for k, v in (os.environ if environ is None else environ).items() if v != ""}
+        missing = [name for name in ("PORTAL_HOME", "EXPORT_URI", "PORTAL_SESSION_SECRET") if name not in env]
         if missing:
             raise PortalError(f"the portal needs {', '.join(missing)} (make portal sets them locally)")
         if env["EXPORT_URI"].startswith("s3://"):
             raise PortalError(f"EXPORT_URI={env['EXPORT_URI']!r}: the portal serves exports from a local folder "
                               "only so far (deploy/README.md, the customer portal)")
-        if len(env["PORTAL_SESSION_SECRET"]) < 32:
-            raise PortalError("PORTAL_SESSION_SECRET is shorter than 32 characters")
+        for name in ("PORTAL_SESSION_SECRET", "PORTAL_SSO_SECRET"):
+            if name in env and len(env[name]) < MIN_SECRET_LENGTH:
+                raise PortalError(f"{name} is shorter than {MIN_SECRET_LENGTH} characters")
+        https_only = env.get("PORTAL_HTTPS_ONLY", "false")
+        if https_only not in ("true", "false"):
+            raise PortalError(f"PORTAL_HTTPS_ONLY={https_only!r}: use true or false")
         return cls(home=Path(env["PORTAL_HOME"]), export_root=Path(env["EXPORT_URI"]),
-                   session_secret=env["PORTAL_SESSION_SECRET"], sso_secret=env.get("PORTAL_SSO_SECRET") or None,
-                   https_only=env.get("PORTAL_HTTPS_ONLY", "false") == "true")
+                   session_secret=env["PORTAL_SESSION_SECRET"], sso_secret=env.get("PORTAL_SSO_SECRET"),
+                   https_only=https_only == "true")
+
+
+@dataclass
+class Sessions:
+    """The signed-in sessions of this process, by the random id their cookie holds, and the
+    sign-on tokens already used (kept until they expire)."""
+
+    by_id: dict[str, dict] = field(default_factory=dict)
+    used_tokens: dict[str, float] = field(default_factory=dict)
+
+    def open(self, user: str, company_id: int, from_account: bool) -> str:
+        now = time.time()
+        self.by_id = {k: v for k, v in self.by_id.items() if v["expires"] > now}
+        session_id = secrets.token_urlsafe(32)
+        self.by_id[session_id] = {"user": user, "company_id": company_id, "account": from_account,
+                                  "expires": now + SESSION_MAX_AGE_S}
+        return session_id
+
+    def first_use(self, token: str) -> bool:
+        now = time.time()
+        self.used_tokens = {k: v for k, v in self.used_tokens.items() if v > now}
+        key = hashlib.sha256(token.encode()).hexdigest()
+        if key in self.used_tokens:
+            return False
+        self.used_tokens[key] = now + SSO_MAX_AGE_S + 5
+        return True
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -154,75 +238,99 @@ PRIVATE = {"Cache-Control": "private, no-store"}
 def create_app(config: PortalConfig | None = None) -> Starlette:
     config = config or PortalConfig.from_env()
     sso = URLSafeTimedSerializer(config.sso_secret, salt="portal-sso") if config.sso_secret else None
+    sessions = Sessions()
+    # checked for unknown users too, so that a wrong user takes as long as a wrong password
+    decoy = hash_password(secrets.token_urlsafe(12))
 
     def accounts() -> dict:
-        try:
-            return json.loads((config.home / "accounts.json").read_text())
-        except FileNotFoundError:
-            return {}
+        return read_json(config.home / "accounts.json", {})
 
-    def company_of(request: Request) -> int | None:
-        value = request.session.get("company_id")
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    def session_of(request: Request) -> dict | None:
+        session_id = request.session.get("id")
+        current = sessions.by_id.get(session_id) if isinstance(session_id, str) else None
+        if current is None or current["expires"] <= time.time():
+            return None
+        if current["account"]:  # an account removed or moved ends its sessions
+            account = accounts().get(current["user"])
+            if account is None or account.get("company_id") != current["company_id"]:
+                sessions.by_id.pop(session_id, None)
+                return None
+        return current
 
-    def signed_in(request: Request, user: str, company_id: int) -> Response:
+    def signed_in(request: Request, user: str, company_id: int, from_account: bool) -> Response:
         request.session.clear()
-        request.session.update({"user": user, "company_id": company_id})
+        request.session["id"] = sessions.open(user, company_id, from_account)
         return RedirectResponse("/", status_code=303)
 
     async def login_form(request: Request) -> Response:
         return HTMLResponse(LOGIN.format(error=""))
 
     async def login(request: Request) -> Response:
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_LOGIN_BODY:
+                return PlainTextResponse("sign-in form too large", status_code=413)
         # an urlencoded form, parsed here (Starlette's form parser needs python-multipart)
-        form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=10)
+        try:
+            form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
+        except ValueError:
+            return PlainTextResponse("malformed sign-in form", status_code=400)
         user, password = (form.get("username") or [""])[0], (form.get("password") or [""])[0]
         account = accounts().get(user)
-        if account is None or not verify_password(password, account["password"]):
+        stored = account["password"] if account else decoy
+        # scrypt takes tens of milliseconds: off the event loop, so downloads go on meanwhile
+        if not await run_in_threadpool(verify_password, password, stored) or account is None:
             return HTMLResponse(LOGIN.format(error="<p role=alert>Wrong user or password.</p>"), status_code=401)
-        return signed_in(request, user, int(account["company_id"]))
+        return signed_in(request, user, int(account["company_id"]), from_account=True)
 
     async def sso_login(request: Request) -> Response:
         if sso is None:
             return PlainTextResponse("single sign-on is not configured", status_code=404)
+        token = request.query_params.get("token", "")
         try:
-            claims = sso.loads(request.query_params.get("token", ""), max_age=SSO_MAX_AGE_S)
+            claims = sso.loads(token, max_age=SSO_MAX_AGE_S)
             company_id, user = claims["company_id"], str(claims["sub"])
             if not isinstance(company_id, int) or isinstance(company_id, bool) or company_id <= 0:
                 raise ValueError(company_id)
         except (BadSignature, KeyError, TypeError, ValueError):
             return PlainTextResponse("invalid sign-on token", status_code=401)
-        return signed_in(request, user, company_id)
+        if not sessions.first_use(token):
+            return PlainTextResponse("this sign-on token was used already", status_code=401)
+        return signed_in(request, user, company_id, from_account=False)
 
     async def logout(request: Request) -> Response:
+        session_id = request.session.get("id")
+        if isinstance(session_id, str):
+            sessions.by_id.pop(session_id, None)
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
     async def home(request: Request) -> Response:
-        company_id = company_of(request)
-        if company_id is None:
+        current = session_of(request)
+        if current is None:
             return RedirectResponse("/login", status_code=303)
+        company_id = current["company_id"]
         links = "".join(f'<li><a href="/api/exports/{company_id}/{name}">{name}</a></li>' for name in EXPORT_FILES)
-        return HTMLResponse(PAGE.format(user=html.escape(request.session.get("user", "")), links=links),
-                            headers=PRIVATE)
+        return HTMLResponse(PAGE.format(user=html.escape(current["user"]), links=links), headers=PRIVATE)
 
     async def export(request: Request) -> Response:
-        company_id = company_of(request)
-        if company_id is None:
+        current = session_of(request)
+        if current is None:
             return JSONResponse({"error": "sign in first"}, status_code=401)
+        company_id = current["company_id"]
         requested, name = request.path_params["company_id"], request.path_params["name"]
         if not _COMPANY_ID.fullmatch(requested) or name not in EXPORT_FILES:
             return JSONResponse({"error": "no such export"}, status_code=404)
         if int(requested) != company_id:
             return JSONResponse({"error": "not your company's export"}, status_code=403)
-        folder = config.export_root / f"company_id={company_id}"
-        path = folder / name
-        if not path.is_file():
+        path = config.export_root / f"company_id={company_id}" / name
+        # a symlink in the export folder must not lead out of it
+        if not path.is_file() or not path.resolve().is_relative_to(config.export_root.resolve()):
             return JSONResponse({"error": "no export yet"}, status_code=404)
         headers = dict(PRIVATE)
-        parquet = folder / f"{REPORT_NAME}.parquet"
-        if parquet.is_file():
-            headers["X-Data-As-Of"] = export_as_of(parquet)
+        if as_of := await run_in_threadpool(export_as_of, path):
+            headers["X-Data-As-Of"] = as_of
         # FileResponse sends the file in chunks: a large export never sits in memory.
         return FileResponse(path, media_type=EXPORT_FILES[name], filename=f"company_{company_id}_{name}",
                             headers=headers)

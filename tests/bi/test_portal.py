@@ -1,12 +1,15 @@
 """The customer portal's export API, served for real (`python -m bi serve` on a free port) over
-exports the platform's own exporter wrote: sign-in, single sign-on, 401/403, path tampering,
-byte-for-byte files with their as-of time, and a large export streamed, not held in memory."""
+exports the platform's own exporter wrote: sign-in, single sign-on, sessions that end, 401/403,
+path tampering and symlinks, byte-for-byte files with their as-of time, and a large export
+streamed, not held in memory."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +21,8 @@ import pytest
 import requests
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
-from bi.portal import verify_password, write_accounts
+from bi.__main__ import main, portal_environ
+from bi.portal import PortalConfig, PortalError, verify_password, write_accounts
 from platform_assets.export_writers import ExportTarget, duckdb_exporter, relations_from_manifest
 
 from ..conftest import free_port
@@ -47,9 +51,10 @@ class Portal:
         return session
 
 
-def start_portal(env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bi", "serve"], cwd=REPO_ROOT, env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_portal(env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:  # a file, not a pipe nobody reads: a chatty server never blocks
+        return subprocess.Popen([sys.executable, "-m", "bi", "serve"], cwd=REPO_ROOT, env={**os.environ, **env},
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +71,9 @@ def portal(tmp_path_factory):
     home = folder / "portal"
     passwords = write_accounts(home, [a, b])
     port = free_port()
+    log = folder / "portal.log"
     process = start_portal({"PORTAL_HOME": str(home), "EXPORT_URI": str(exports), "PORTAL_PORT": str(port),
-                            "PORTAL_SESSION_SECRET": "s" * 48, "PORTAL_SSO_SECRET": SSO_SECRET})
+                            "PORTAL_SESSION_SECRET": "s" * 48, "PORTAL_SSO_SECRET": SSO_SECRET}, log)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -77,7 +83,7 @@ def portal(tmp_path_factory):
                     break
             except requests.ConnectionError:
                 pass
-            assert process.poll() is None, process.stdout.read()
+            assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the portal did not answer /health in 60 s"
             time.sleep(0.2)
         yield Portal(url, process, exports, home, a, b, passwords)
@@ -131,6 +137,8 @@ def test_the_export_api_serves_each_company_only_its_own_file(portal):
 
     assert session.post(f"{url}/logout", allow_redirects=False, timeout=30).status_code == 303
     assert session.get(f"{url}/api/exports/{a}/{csv}", timeout=30).status_code == 401
+    # the cookie kept from before signing out is no session any more
+    assert _raw_get(url, f"/api/exports/{a}/{csv}", cookie)[0] == 401
     # a session cookie forged with another key is no session
     forged = requests.Session()
     forged.cookies.set("portal_session", cookie[:-4] + ("AAAA" if not cookie.endswith("AAAA") else "BBBB"))
@@ -167,6 +175,9 @@ def test_single_sign_on_takes_only_a_fresh_token_signed_with_the_key(portal):
         good.dumps({"sub": "x"}),
         "",
     ]
+    used = good.dumps({"sub": "joe@customer-b", "company_id": b})
+    assert sso(used).get(f"{url}/api/exports/{b}/training_report.csv", timeout=30).status_code == 200
+    bad.append(used)  # a token signs in once
     for token in bad:
         r = requests.get(f"{url}/sso", params={"token": token}, allow_redirects=False, timeout=30)
         assert r.status_code == 401, token
@@ -183,10 +194,11 @@ def test_a_large_export_is_streamed_not_held_in_memory(portal, tmp_path):
             for _ in range(256):
                 f.write(block)
         server = psutil.Process(portal.process.pid)
+        session = portal.signed_in(portal.a)  # sign-in (scrypt) and a first download before the baseline
+        assert session.get(f"{portal.url}/api/exports/{portal.a}/training_report.parquet", timeout=60).ok
         before = server.memory_info().rss
         peak, received = before, 0
-        with portal.signed_in(portal.a).get(f"{portal.url}/api/exports/{portal.a}/training_report.csv",
-                                            stream=True, timeout=120) as r:
+        with session.get(f"{portal.url}/api/exports/{portal.a}/training_report.csv", stream=True, timeout=120) as r:
             assert r.status_code == 200
             for chunk in r.iter_content(1 << 20):
                 received += len(chunk)
@@ -198,10 +210,69 @@ def test_a_large_export_is_streamed_not_held_in_memory(portal, tmp_path):
         saved.rename(big)
 
 
-def test_accounts_are_made_per_exported_company_and_kept(portal, tmp_path):
+def test_sessions_end_with_their_account_and_odd_files_are_not_served(portal, tmp_path):
+    a, url = portal.a, portal.url
+    accounts_file = portal.home / "accounts.json"
+    saved = accounts_file.read_text()
+    session = portal.signed_in(a)
+    try:
+        accounts = json.loads(saved)
+        del accounts[f"company-{a}"]
+        accounts_file.write_text(json.dumps(accounts))
+        assert session.get(f"{url}/api/exports/{a}/training_report.csv", timeout=30).status_code == 401
+    finally:
+        accounts_file.write_text(saved)
+    assert session.get(f"{url}/api/exports/{a}/training_report.csv", timeout=30).status_code == 401  # ended
+
+    folder = portal.exports / f"company_id={a}"
+    parquet = folder / "training_report.parquet"
+    kept = tmp_path / "kept.parquet"
+    parquet.rename(kept)
+    try:
+        parquet.write_bytes(kept.read_bytes()[:200])  # a file cut short: served as it is, with no as-of
+        r = portal.signed_in(a).get(f"{url}/api/exports/{a}/training_report.parquet", timeout=30)
+        assert r.status_code == 200 and r.content == parquet.read_bytes() and "X-Data-As-Of" not in r.headers
+        parquet.unlink()
+        parquet.symlink_to(portal.home / "accounts.json")  # a link out of the export folder
+        r = portal.signed_in(a).get(f"{url}/api/exports/{a}/training_report.parquet", timeout=30)
+        assert r.status_code == 404 and b"scrypt" not in r.content
+    finally:
+        parquet.unlink(missing_ok=True)
+        kept.rename(parquet)
+
+    status = {}
+    for name, body in (("fields", "&".join(f"f{i}=1" for i in range(20))), ("size", "username=" + "x" * 10000)):
+        status[name] = requests.post(f"{url}/login", data=body, timeout=30,
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"}).status_code
+    assert status == {"fields": 400, "size": 413}
+
+
+def test_portal_settings_are_checked_and_named(tmp_path):
+    base = {"PORTAL_HOME": str(tmp_path), "EXPORT_URI": str(tmp_path), "PORTAL_SESSION_SECRET": "s" * 40}
+    for extra, named in (({"PORTAL_HTTPS_ONLY": "1"}, "PORTAL_HTTPS_ONLY='1'"),
+                         ({"PORTAL_SSO_SECRET": "short"}, "PORTAL_SSO_SECRET is shorter"),
+                         ({"PORTAL_SESSION_SECRET": "short"}, "PORTAL_SESSION_SECRET is shorter"),
+                         ({"EXPORT_URI": "s3://bucket/exports"}, "EXPORT_URI='s3://bucket/exports'"),
+                         ({"PORTAL_HOME": ""}, "PORTAL_HOME")):
+        with pytest.raises(PortalError, match=re.escape(named)):
+            PortalConfig.from_env({**base, **extra})
+    assert PortalConfig.from_env({**base, "PORTAL_HTTPS_ONLY": "true"}).https_only
+    prod = {"PLATFORM_ENV": "prod", "EXPORT_URI": str(tmp_path), "PORTAL_HOME": str(tmp_path)}
+    with pytest.raises(PortalError, match="PORTAL_SESSION_SECRET is not set"):
+        portal_environ(prod)
+    assert not (tmp_path / "secrets.json").exists()
+    (tmp_path / "accounts.json").write_text("{not json")
+    with pytest.raises(PortalError, match=re.escape(str(tmp_path / "accounts.json"))):
+        write_accounts(tmp_path, [1])
+
+
+def test_accounts_are_made_per_exported_company_and_kept(portal, tmp_path, monkeypatch, capsys):
+    # the defaults: exports under LOCAL_DIR/exports, the portal's files under LOCAL_DIR/portal
+    shutil.copytree(portal.exports, tmp_path / "exports")
+    (tmp_path / "exports" / "company_id=99").symlink_to(tmp_path)  # a link is no company
     home = tmp_path / "portal"
-    env = {**os.environ, "PORTAL_HOME": str(home), "EXPORT_URI": str(portal.exports), "PORTAL_SESSION_SECRET": "",
-           "LOCAL_DIR": str(tmp_path)}
+    env = {**os.environ, "LOCAL_DIR": str(tmp_path), "PLATFORM_ENV_FILE": str(tmp_path / "none.env"),
+           "PORTAL_HOME": "", "EXPORT_URI": "", "PORTAL_SESSION_SECRET": "", "PLATFORM_ENV": "local"}
     first = subprocess.run([sys.executable, "-m", "bi", "accounts"], cwd=REPO_ROOT, env=env, capture_output=True,
                            text=True, timeout=120)
     assert first.returncode == 0, first.stderr
@@ -219,9 +290,14 @@ def test_accounts_are_made_per_exported_company_and_kept(portal, tmp_path):
 
     again = subprocess.run([sys.executable, "-m", "bi", "accounts"], cwd=REPO_ROOT, env=env, capture_output=True,
                            text=True, timeout=120)
-    assert again.returncode == 0 and "0 new" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"portal accounts: {len(companies)} companies, 0 new"
     assert json.loads((home / "accounts.json").read_text()) == accounts
 
-    s3 = subprocess.run([sys.executable, "-m", "bi", "serve"], cwd=REPO_ROOT, capture_output=True, text=True,
-                        env={**env, "EXPORT_URI": "s3://bucket/exports"}, timeout=120)
-    assert s3.returncode == 2 and "EXPORT_URI='s3://bucket/exports'" in s3.stderr, s3.stderr
+    for extra, named in (({"EXPORT_URI": "s3://bucket/exports"}, "EXPORT_URI='s3://bucket/exports'"),
+                         ({"PORTAL_PORT": "http"}, "PORTAL_PORT='http'")):
+        with monkeypatch.context() as patched:
+            for name, value in {**env, **extra}.items():
+                patched.setenv(name, value)
+            assert main(["serve"]) == 2  # before serving anything
+        assert named in capsys.readouterr().err
