@@ -21,6 +21,7 @@ file with its own as-of time in `X-Data-As-Of` (left out when the file does not 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
 import html
@@ -36,10 +37,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import anyio
+import anyio.to_thread
 import duckdb
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
@@ -55,6 +57,7 @@ _COMPANY_FOLDER = re.compile(r"company_id=([1-9][0-9]{0,18})")
 SSO_MAX_AGE_S = 60
 SESSION_MAX_AGE_S = 8 * 3600
 MAX_LOGIN_BODY = 4096
+LOGIN_THREADS = 2
 MIN_SECRET_LENGTH = 32
 log = logging.getLogger(__name__)
 
@@ -138,30 +141,42 @@ def exported_companies(export_root: Path) -> list[int]:
 def _iso_utc(value: str) -> str | None:
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+    except (ValueError, OverflowError):
         return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+
+
+def _csv_as_of(path: Path) -> str | None:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        first = next(reader, None)  # an export with no rows says nothing
+    if first is None or DATA_AS_OF not in header or len(first) != len(header):
+        return None
+    return first[header.index(DATA_AS_OF)]
+
+
+def _parquet_as_of(path: Path) -> str | None:
+    if any(c in str(path) for c in "*?[{"):  # DuckDB would read the path as a pattern
+        log.warning(f"no as-of time from {path}: its path holds a glob character")
+        return None
+    con = duckdb.connect()
+    try:
+        row = con.execute("select value from parquet_kv_metadata(?) where key = ?", [str(path), DATA_AS_OF]).fetchone()
+    finally:
+        con.close()
+    return row[0].decode("utf-8") if row and row[0] is not None else None
 
 
 def export_as_of(path: Path) -> str | None:
     """The file's own `data_as_of`: the Parquet file's key/value metadata, the CSV file's first
     row (the exporter writes one and then the other, so each says its own). None when the file
     does not say or cannot be read: the header is then left out, the download still served."""
-    con = duckdb.connect()
     try:
-        if path.suffix == ".parquet":
-            row = con.execute("select value from parquet_kv_metadata(?) where key = ?",
-                              [str(path), DATA_AS_OF]).fetchone()
-            value = row[0].decode("utf-8") if row else None
-        else:
-            row = con.execute(f"select {DATA_AS_OF} from read_csv(?, header = true, all_varchar = true) limit 1",
-                              [str(path)]).fetchone()
-            value = row[0] if row else None
-    except (duckdb.Error, UnicodeDecodeError) as exc:
+        value = _parquet_as_of(path) if path.suffix == ".parquet" else _csv_as_of(path)
+    except (duckdb.Error, OSError, UnicodeDecodeError, csv.Error) as exc:
         log.warning(f"no as-of time from {path}: {exc}")
         return None
-    finally:
-        con.close()
     return _iso_utc(value) if value else None
 
 
@@ -211,9 +226,12 @@ class Sessions:
         return session_id
 
     def first_use(self, token: str) -> bool:
+        """Whether this token (already verified) signs in for the first time. Keyed by what it
+        signs (payload and time), not its text: a signature's base64 decodes leniently, so
+        variants of one token's text pass the same check."""
         now = time.time()
         self.used_tokens = {k: v for k, v in self.used_tokens.items() if v > now}
-        key = hashlib.sha256(token.encode()).hexdigest()
+        key = hashlib.sha256(token.rsplit(".", 1)[0].encode()).hexdigest()
         if key in self.used_tokens:
             return False
         self.used_tokens[key] = now + SSO_MAX_AGE_S + 5
@@ -239,11 +257,14 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
     config = config or PortalConfig.from_env()
     sso = URLSafeTimedSerializer(config.sso_secret, salt="portal-sso") if config.sso_secret else None
     sessions = Sessions()
+    login_slots: anyio.CapacityLimiter | None = None  # made on the event loop, at the first sign-in
     # checked for unknown users too, so that a wrong user takes as long as a wrong password
     decoy = hash_password(secrets.token_urlsafe(12))
 
-    def accounts() -> dict:
-        return read_json(config.home / "accounts.json", {})
+    def account(user: str) -> dict | None:
+        """The account `user`, or None; an unreadable accounts file raises PortalError."""
+        found = read_json(config.home / "accounts.json", {}).get(user)
+        return found if isinstance(found, dict) and isinstance(found.get("password"), str) else None
 
     def session_of(request: Request) -> dict | None:
         session_id = request.session.get("id")
@@ -251,13 +272,16 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
         if current is None or current["expires"] <= time.time():
             return None
         if current["account"]:  # an account removed or moved ends its sessions
-            account = accounts().get(current["user"])
-            if account is None or account.get("company_id") != current["company_id"]:
+            found = account(current["user"])
+            if found is None or found.get("company_id") != current["company_id"]:
                 sessions.by_id.pop(session_id, None)
                 return None
         return current
 
     def signed_in(request: Request, user: str, company_id: int, from_account: bool) -> Response:
+        previous = request.session.get("id")
+        if isinstance(previous, str):  # signing in again ends the session this cookie had
+            sessions.by_id.pop(previous, None)
         request.session.clear()
         request.session["id"] = sessions.open(user, company_id, from_account)
         return RedirectResponse("/", status_code=303)
@@ -277,12 +301,14 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
         except ValueError:
             return PlainTextResponse("malformed sign-in form", status_code=400)
         user, password = (form.get("username") or [""])[0], (form.get("password") or [""])[0]
-        account = accounts().get(user)
-        stored = account["password"] if account else decoy
-        # scrypt takes tens of milliseconds: off the event loop, so downloads go on meanwhile
-        if not await run_in_threadpool(verify_password, password, stored) or account is None:
+        found = account(user)
+        stored = found["password"] if found else decoy
+        # scrypt takes tens of milliseconds and 16 MiB: off the event loop, a few at a time
+        nonlocal login_slots
+        login_slots = login_slots or anyio.CapacityLimiter(LOGIN_THREADS)
+        if not await anyio.to_thread.run_sync(verify_password, password, stored, limiter=login_slots) or found is None:
             return HTMLResponse(LOGIN.format(error="<p role=alert>Wrong user or password.</p>"), status_code=401)
-        return signed_in(request, user, int(account["company_id"]), from_account=True)
+        return signed_in(request, user, int(found["company_id"]), from_account=True)
 
     async def sso_login(request: Request) -> Response:
         if sso is None:
@@ -324,12 +350,13 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
             return JSONResponse({"error": "no such export"}, status_code=404)
         if int(requested) != company_id:
             return JSONResponse({"error": "not your company's export"}, status_code=403)
-        path = config.export_root / f"company_id={company_id}" / name
-        # a symlink in the export folder must not lead out of it
-        if not path.is_file() or not path.resolve().is_relative_to(config.export_root.resolve()):
+        folder = config.export_root / f"company_id={company_id}"
+        path = folder / name
+        # a symlink must lead neither out of the export folder nor into another company's
+        if not path.is_file() or path.resolve().parent != config.export_root.resolve() / folder.name:
             return JSONResponse({"error": "no export yet"}, status_code=404)
         headers = dict(PRIVATE)
-        if as_of := await run_in_threadpool(export_as_of, path):
+        if as_of := await anyio.to_thread.run_sync(export_as_of, path):
             headers["X-Data-As-Of"] = as_of
         # FileResponse sends the file in chunks: a large export never sits in memory.
         return FileResponse(path, media_type=EXPORT_FILES[name], filename=f"company_{company_id}_{name}",
@@ -338,7 +365,12 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
     async def health(request: Request) -> Response:
         return PlainTextResponse("OK")
 
+    async def accounts_unreadable(request: Request, exc: PortalError) -> Response:
+        log.error(str(exc))
+        return PlainTextResponse("the portal's accounts cannot be read; try again later", status_code=503)
+
     return Starlette(
+        exception_handlers={PortalError: accounts_unreadable},
         routes=[
             Route("/", home), Route("/login", login_form, methods=["GET"]), Route("/login", login, methods=["POST"]),
             Route("/sso", sso_login), Route("/logout", logout, methods=["POST"]),

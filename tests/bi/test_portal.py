@@ -177,7 +177,17 @@ def test_single_sign_on_takes_only_a_fresh_token_signed_with_the_key(portal):
     ]
     used = good.dumps({"sub": "joe@customer-b", "company_id": b})
     assert sso(used).get(f"{url}/api/exports/{b}/training_report.csv", timeout=30).status_code == 200
-    bad.append(used)  # a token signs in once
+    # a token signs in once, whatever its text: base64 decodes variants of a signature alike
+    bad += [used, used + "=", used + "==", *(used[:-1] + c for c in "AQgw" if c != used[-1])]
+
+    # a company folder that links to another company's is not served
+    c = b - 1
+    (portal.exports / f"company_id={c}").symlink_to(portal.exports / f"company_id={portal.a}")
+    try:
+        linked = sso(good.dumps({"sub": "x@c", "company_id": c}))
+        assert linked.get(f"{url}/api/exports/{c}/training_report.csv", timeout=30).status_code == 404
+    finally:
+        (portal.exports / f"company_id={c}").unlink()
     for token in bad:
         r = requests.get(f"{url}/sso", params={"token": token}, allow_redirects=False, timeout=30)
         assert r.status_code == 401, token
@@ -223,6 +233,22 @@ def test_sessions_end_with_their_account_and_odd_files_are_not_served(portal, tm
     finally:
         accounts_file.write_text(saved)
     assert session.get(f"{url}/api/exports/{a}/training_report.csv", timeout=30).status_code == 401  # ended
+
+    # signing in again ends the session the cookie had
+    session = portal.signed_in(a)
+    first = session.cookies["portal_session"]
+    user = f"company-{a}"
+    assert session.post(f"{url}/login", data={"username": user, "password": portal.passwords[user]},
+                        allow_redirects=False, timeout=30).status_code == 303
+    assert _raw_get(url, f"/api/exports/{a}/training_report.csv", first)[0] == 401
+    assert session.get(f"{url}/api/exports/{a}/training_report.csv", timeout=30).status_code == 200
+    # an unreadable accounts file: the portal says so (503), it does not fail with a traceback
+    try:
+        accounts_file.write_text("{not json")
+        assert session.get(f"{url}/api/exports/{a}/training_report.csv", timeout=30).status_code == 503
+        assert requests.post(f"{url}/login", data={"username": user, "password": "x"}, timeout=30).status_code == 503
+    finally:
+        accounts_file.write_text(saved)
 
     folder = portal.exports / f"company_id={a}"
     parquet = folder / "training_report.parquet"
