@@ -224,6 +224,19 @@ def test_parse_states_are_per_connection_profile(tmp_path, monkeypatch):
         f"state {KEPT_PARSE_STATES + 2}".encode()
 
 
+def tiny_dbt_project(folder):
+    """A one-model dbt project on DuckDB (DUCKDB_PATH) in `folder`."""
+    from dagster_dbt import DbtProject
+
+    (folder / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
+    (folder / "profiles.yml").write_text(
+        "tiny:\n  target: local\n  outputs:\n    local:\n      type: duckdb\n"
+        "      path: \"{{ env_var('DUCKDB_PATH') }}\"\n")
+    (folder / "models").mkdir()
+    (folder / "models" / "a.sql").write_text("select 1 as a")
+    return DbtProject(project_dir=folder, target_path="target/local", target="local")
+
+
 def test_a_profile_keeps_its_own_parse_state_whatever_other_profiles_leave(tmp_path, monkeypatch):
     """Two things another profile leaves must not become this profile's parse state:
     - the preparation's state, when another process prepared while this one waited for
@@ -234,7 +247,6 @@ def test_a_profile_keeps_its_own_parse_state_whatever_other_profiles_leave(tmp_p
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from dagster_dbt import DbtProject
     from filelock import FileLock
 
     from platform_assets.dbt_project import (
@@ -246,13 +258,7 @@ def test_a_profile_keeps_its_own_parse_state_whatever_other_profiles_leave(tmp_p
         start_dbt,
     )
 
-    (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
-    (tmp_path / "profiles.yml").write_text(
-        "tiny:\n  target: local\n  outputs:\n    local:\n      type: duckdb\n"
-        "      path: \"{{ env_var('DUCKDB_PATH') }}\"\n")
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "a.sql").write_text("select 1 as a")
-    project = DbtProject(project_dir=tmp_path, target_path="target/local", target="local")
+    project = tiny_dbt_project(tmp_path)
 
     def parse_events(name: str) -> list[str]:
         """The events of a dbt command started and ended as run_dbt does."""
@@ -343,17 +349,10 @@ def test_a_manifest_a_stopped_parse_cut_short_is_parsed_again_locally(tmp_path, 
     """A `dbt parse` killed while writing manifest.json leaves it cut short and newer than the
     project, so nothing looks stale: a local load parses the project again; prod's packaged
     manifest fails naming the file instead."""
-    from dagster_dbt import DbtProject
 
     from platform_assets.dbt_project import manifest_is_stale, prepare, read_manifest
 
-    (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
-    (tmp_path / "profiles.yml").write_text(
-        "tiny:\n  target: local\n  outputs:\n    local:\n      type: duckdb\n"
-        "      path: \"{{ env_var('DUCKDB_PATH') }}\"\n")
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "a.sql").write_text("select 1 as a")
-    project = DbtProject(project_dir=tmp_path, target_path="target/local", target="local")
+    project = tiny_dbt_project(tmp_path)
     monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "a.duckdb"))
     prepare(project)
     whole = project.manifest_path.read_text()
