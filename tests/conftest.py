@@ -78,6 +78,41 @@ def schedule_rank(nodeid: str) -> int:
     return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
+# Scratch data (PostgreSQL clusters, Dagster's SQLite instances, DuckDB files, dbt's run
+# folders) goes to a RAM-backed tmpfs when the machine has one with room: every one of those
+# databases syncs its commits to disk, which on a shared disk is a large part of many steps.
+# A container's default /dev/shm (64 MB) is too small and is skipped; a TMPDIR or --basetemp
+# given by the caller wins.
+MEMORY_TMP = Path("/dev/shm")
+MEMORY_TMP_MIN_FREE = 4 * 2**30
+
+
+def memory_tmpdir(root: Path = MEMORY_TMP, min_free: int = MEMORY_TMP_MIN_FREE) -> Path | None:
+    """A folder for the suite's scratch data on `root` if it is a tmpfs with `min_free` bytes free."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+        if not any(m.split()[1:3] == [str(root), "tmpfs"] for m in mounts if len(m.split()) > 2):
+            return None
+        stats = os.statvfs(root)
+        if stats.f_bavail * stats.f_frsize < min_free:
+            return None
+        folder = root / f"reporting-platform-tests-{os.getuid()}"
+        folder.mkdir(mode=0o755, exist_ok=True)
+        folder.chmod(0o755)  # the postgres OS user reaches its cluster folders below it
+        return folder
+    except OSError:
+        return None
+
+
+def pytest_configure(config):
+    # In the controller, before xdist starts the workers, which inherit TMPDIR.
+    if os.environ.get("TMPDIR") or config.option.basetemp:
+        return
+    if folder := memory_tmpdir():
+        os.environ["TMPDIR"] = str(folder)
+        tempfile.tempdir = None  # gettempdir() may have cached the disk's /tmp already
+
+
 @pytest.hookimpl(tryfirst=True)  # before --stepwise and the like pick from the items
 def pytest_collection_modifyitems(config, items):
     # A stable sort: within a unit, and among the short ones, the files keep their order.

@@ -1,13 +1,17 @@
-"""How `make test` hands tests to its pytest-xdist workers (tests/conftest.py)."""
+"""How `make test` hands tests to its pytest-xdist workers, and where their scratch data goes
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from .conftest import (
     LONGEST_FIRST,
     SHARED_FIXTURE_GROUPS,
     SharedFixtureScheduling,
+    memory_tmpdir,
     pytest_xdist_make_scheduler,
     schedule_rank,
     scheduling_group,
@@ -59,3 +63,18 @@ def test_loadgroup_uses_the_shared_fixture_scheduler(pytestconfig, monkeypatch):
         "tests/reliability/test_killed_run.py::y[pg]")
     monkeypatch.setattr(pytestconfig.option, "dist", "load")
     assert pytest_xdist_make_scheduler(pytestconfig, None) is None
+
+
+def test_scratch_data_goes_to_a_tmpfs_only_with_room(tmp_path):
+    # tmp_path itself: on the tmpfs when the session chose it, else on disk
+    mounts = Path("/proc/mounts").read_text()
+    assert memory_tmpdir(Path("/proc/self")) is None  # not a tmpfs
+    assert memory_tmpdir(tmp_path / "absent") is None  # not a mount point at all
+    if " /dev/shm tmpfs " not in mounts:
+        return
+    assert memory_tmpdir(Path("/dev/shm"), min_free=2**62) is None  # no room
+    folder = memory_tmpdir(Path("/dev/shm"), min_free=1)
+    assert folder is not None and folder.parent == Path("/dev/shm")
+    assert folder.stat().st_mode & 0o777 == 0o755
+    if os.environ.get("TMPDIR") == str(folder):  # the session's choice reached this worker
+        assert Path(tempfile.gettempdir()) == folder and str(tmp_path).startswith(str(folder))
