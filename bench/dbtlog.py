@@ -46,3 +46,17 @@ def phases(path: Path) -> dict[str, Any]:
         out["parse_s"] = round((parsed - t0).total_seconds(), 3)
         out["execute_s"] = round((t_end - parsed).total_seconds(), 3)
     return out
+
+
+def window(path: Path) -> dict[str, float] | None:
+    """Epoch seconds of the last invocation in the file: its first log line, the end of its
+    parse (when found) and its last line. JSON log lines only (dagster-dbt's), which carry the date."""
+    if not path.exists():
+        return None
+    entries = [(ts.timestamp(), msg) for ts, msg in _entries(path) if ts.tzinfo is not None]
+    starts = [i for i, (_, msg) in enumerate(entries) if "Running with dbt=" in msg]
+    if not starts:
+        return None
+    entries = entries[starts[-1]:]
+    parsed = next((ts for ts, msg in entries if msg.lstrip("\x1b[0m").split("]: ")[-1].startswith("Found ")), None)
+    return {"start": entries[0][0], "parsed": parsed if parsed is not None else entries[0][0], "end": entries[-1][0]}

@@ -13,6 +13,8 @@ from typing import Any
 
 import psutil
 
+from . import timeline
+
 # (ratio, numerator, denominator, target): the stock-libraries issue's a/b and a/c, the
 # change-detection issue's d/a (d: a 1% batch with late events, edits and deletes).
 RATIOS = (
@@ -107,6 +109,10 @@ def table(results: dict[str, Any]) -> str:
     if window := ms.get("d", {}).get("recent_window"):
         lines.append(f"(d) compared the last {window['days']} days, which held {window['events']:,} of the source's"
                      f" {window['source_events']:,} events (a reused source ages: the share shrinks day by day).")
+    if phases := ms.get("a", {}).get("per_repetition", [{}])[-1].get("timeline"):
+        lines += ["", f"Where the last (a) repetition's {ms['a']['per_repetition'][-1]['seconds']:.1f} s went "
+                  "(its runs' event logs and dbt's own logs; seconds from the first run's first event):", "",
+                  timeline.markdown(phases).rstrip()]
     return "\n".join(lines) + "\n"
 
 

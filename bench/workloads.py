@@ -34,6 +34,7 @@ from platform_assets.settings import DBT_PROJECT_DIR, REPO_ROOT, load_settings
 from . import dbtlog, floor
 from .environment import BenchSource
 from .probe import Repetition, measure, summary
+from .timeline import timeline
 
 STAGES = ("a", "b", "c", "d", "e")
 # The benchmark's own server (.local/bench-<EVENTS>), so its own `warehouse` database: the
@@ -344,8 +345,10 @@ class Bench:
             missing = summary_["expected"] - summary_["materialized"]
             if missing:
                 raise RuntimeError(f"{label}: not materialized: {sorted(k.to_user_string() for k in missing)}")
+            runs_dir = Path(platform.project.project_dir) / platform.project.target_path / "runs"
             return {"assets_materialized": len(summary_["materialized"]),
-                    "dagster_runs": len(instance.get_runs()), **dagster_run_artifacts(platform, instance)}
+                    "dagster_runs": len(instance.get_runs()), "timeline": timeline(instance, runs_dir),
+                    **dagster_run_artifacts(platform, instance)}
 
         reps = self._repeat(key, label, once, repetitions, setup=empty_warehouse_and_instance)
         engine = "DuckDB" if key == "a" else "PostgreSQL"

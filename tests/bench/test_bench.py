@@ -56,6 +56,12 @@ def test_benchmark_writes_results_table_chart_and_doc(pg_env, tmp_path, monkeypa
     assert written["setup"]["parsed"] == ["plain dbt"] and written["setup"]["seconds"] > 0
     assert b["per_repetition"][0]["dbt_full_parses"] == 0
     assert a["per_repetition"][0]["dbt_full_parses"] == 0
+    # (a)'s timeline: consecutive phases covering its runs, dbt's own among them
+    phases = a["per_repetition"][0]["timeline"]
+    assert phases[0]["from"] == 0 and all(p["s"] >= 0 for p in phases)
+    assert all(x["to"] <= y["from"] + 0.1 for x, y in zip(phases, phases[1:], strict=False))
+    assert sum(p["what"] == "dbt: execution" for p in phases) == a["per_repetition"][0]["dbt_invocations"]
+    assert phases[-1]["to"] <= a["per_repetition"][0]["seconds"]
     models = {uid for uid in b["node_seconds"] if uid.startswith(("model.", "snapshot."))}
     assert models and models <= set(c["node_seconds"]) and models <= set(a["node_seconds"])
     assert c["per_repetition"][0]["test_failures"] == {}
@@ -76,7 +82,7 @@ def test_benchmark_writes_results_table_chart_and_doc(pg_env, tmp_path, monkeypa
     assert written["machine"]["cpu_count"] and written["machine"]["memory_bytes"]
 
     table = written["table_markdown"]
-    for name in ("a/b", "a/c", "d/a", "plain `dbt build`", "raw floor"):
+    for name in ("a/b", "a/c", "d/a", "plain `dbt build`", "raw floor", "dbt: execution"):
         assert name in table
     chart = tmp_path / "results" / written["chart"]
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
