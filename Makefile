@@ -13,6 +13,12 @@ CKV_VENV  := .venv-checkov
 CKV_STAMP := $(CKV_VENV)/.installed-stamp
 # Offline: no update check against PyPI, no policy download from the vendor's platform.
 CKV_ENV   := CKV_SKIP_PACKAGE_UPDATE_CHECK=true BC_SKIP_MAPPING=TRUE
+# Apache Superset (bi/) pins SQLAlchemy < 2: its own venv, from the exact pins of
+# bi/superset/requirements-superset.txt; the portal's embedded SDK from bi/embed's lockfile.
+SS_VENV     := .venv-superset
+SS_STAMP    := $(SS_VENV)/.installed-stamp
+EMBED_STAMP := bi/embed/node_modules/.installed-stamp
+BI_DEPS     := $(SS_STAMP) $(EMBED_STAMP)
 # The venv's executables (dbt, dagster) are found without activating it.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 TARGET ?= local
@@ -43,9 +49,20 @@ $(CKV_STAMP): requirements-checkov.txt
 		2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 	@touch $@
 
-venv: $(STAMP) $(CKV_STAMP) ## create .venv (and .venv-checkov) and install the pinned project
+$(SS_STAMP): bi/superset/requirements-superset.txt
+	@test -x $(SS_VENV)/bin/python || $(PYTHON) -m venv $(SS_VENV)
+	@echo "installing the pinned Superset into $(SS_VENV) ..."
+	@set -o pipefail; $(SS_VENV)/bin/python -m pip install -q --disable-pip-version-check -r $< \
+		2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+	@touch $@
 
-up: $(STAMP) ## start primary + streaming replica under .local/, load demo data if empty
+$(EMBED_STAMP): bi/embed/package-lock.json
+	@cd bi/embed && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	@touch $@
+
+venv: $(STAMP) $(CKV_STAMP) $(BI_DEPS) ## create .venv (and .venv-checkov, .venv-superset) and install the pinned project
+
+up: $(STAMP) $(BI_DEPS) ## start primary + streaming replica under .local/, load demo data if empty
 	@$(PY) -m localenv up
 
 down: $(STAMP) ## stop both servers, keep the data
@@ -81,7 +98,7 @@ portal: $(STAMP) ## the customer portal on http://127.0.0.1:8090: each company's
 ui: up dagster-home ## the Dagster UI (lineage, runs, backfills) on http://127.0.0.1:3000
 	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-test: $(STAMP) $(CKV_STAMP) ## the whole suite (starts its own primary + replica on free ports)
+test: $(STAMP) $(CKV_STAMP) $(BI_DEPS) ## the whole suite (starts its own primary + replica on free ports)
 	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 churn: $(STAMP) ## the churn property test, CHURN_EXAMPLES (100) per engine (make test runs 8)

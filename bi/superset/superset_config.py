@@ -1,0 +1,60 @@
+"""Superset's configuration for the platform (SUPERSET_CONFIG_PATH points here).
+
+Every value that differs per installation comes from the environment that `python -m bi`
+(bi/local.py) or the production task gives the process: the secrets are generated on the
+first `make up` into .local/bi/secrets.env (mode 0600) and never written anywhere else.
+"""
+
+import os
+
+SECRET_KEY = os.environ["SUPERSET_SECRET_KEY"]
+GUEST_TOKEN_JWT_SECRET = os.environ["SUPERSET_GUEST_TOKEN_JWT_SECRET"]
+# The metadata database: SQLite under .local/bi locally, PostgreSQL in production.
+SQLALCHEMY_DATABASE_URI = os.environ["SUPERSET_METADATA_URI"]
+
+FEATURE_FLAGS = {"EMBEDDED_SUPERSET": True}
+# The role an embedded viewer (a guest token) gets: only what viewing a dashboard needs
+# (bi/superset_api.py creates it). Its data is further cut by the token's RLS clause.
+GUEST_ROLE_NAME = "EmbeddedGuest"
+GUEST_TOKEN_JWT_EXP_SECONDS = int(os.environ.get("SUPERSET_GUEST_TOKEN_SECONDS", "300"))
+# The roles API (creating EmbeddedGuest) is off by default in Flask-AppBuilder.
+FAB_ADD_SECURITY_API = True
+
+# Chart results are cached on disk (shared by the gunicorn workers) for 10 minutes. The key
+# includes the guest token's RLS clause (one entry per company) and the dataset's changed_on,
+# which `python -m bi up` bumps when it publishes a new BI copy; a copy published by Dagster
+# shows within the timeout.
+DATA_CACHE_CONFIG = (
+    {"CACHE_TYPE": "NullCache"} if os.environ.get("SUPERSET_DATA_CACHE") == "off" else {
+        "CACHE_TYPE": "FileSystemCache",
+        "CACHE_DIR": os.path.join(os.environ["SUPERSET_HOME"], "cache"),
+        "CACHE_DEFAULT_TIMEOUT": int(os.environ.get("SUPERSET_CACHE_SECONDS", "600")),
+        "CACHE_THRESHOLD": 100_000,
+    })
+# Nothing leaves the machine: no telemetry pixel, no example data.
+SCARF_ANALYTICS = False
+# Many concurrent embedded viewers share one service: keep the login limit for people.
+RATELIMIT_ENABLED = os.environ.get("SUPERSET_RATELIMIT", "true") == "true"
+
+# The portal (another origin) frames the embedded dashboard: Superset's default
+# X-Frame-Options SAMEORIGIN would refuse it, so the CSP names the portal instead.
+_PORTAL_ORIGINS = os.environ.get("PORTAL_ORIGINS", "").split()
+TALISMAN_ENABLED = True
+TALISMAN_CONFIG = {
+    "content_security_policy": {
+        "base-uri": ["'self'"],
+        "default-src": ["'self'"],
+        "img-src": ["'self'", "blob:", "data:"],
+        "worker-src": ["'self'", "blob:"],
+        "connect-src": ["'self'"],
+        "object-src": "'none'",
+        "style-src": ["'self'", "'unsafe-inline'"],
+        "font-src": ["'self'", "data:"],
+        "script-src": ["'self'", "'strict-dynamic'"],
+        "frame-ancestors": ["'self'", *_PORTAL_ORIGINS],
+    },
+    "content_security_policy_nonce_in": ["script-src"],
+    "frame_options": None,
+    "force_https": False,
+    "session_cookie_secure": False,
+}
