@@ -12,6 +12,7 @@ import dagster as dg
 from dagster_dbt import DbtProject
 
 from .automation import automation_sensors, observe_schedule, run_failure_alert
+from .bi import bi_definitions
 from .changes import DEFAULT_MAX_GAP_DAYS, DEFAULT_RECENT_DAYS, DailyFacts, changes_sensor, matches_replica_check
 from .checks import replica_lag_check_keys
 from .dbt_assets import SIZING, WAREHOUSE_POOL, PlatformTranslator, build_dbt_assets
@@ -117,6 +118,9 @@ def build_platform(settings: PlatformSettings) -> Platform:
         # the dbt steps one after another anyway.
         executor=dg.in_process_executor,
     )
+
+    # Locally, the BI copy of the warehouse that Superset reads (platform_assets/bi.py).
+    defs = dg.Definitions.merge(defs, bi_definitions(settings))
 
     return Platform(
         defs=defs, settings=settings, project=dbt_project, manifest=manifest, federated_tables=federated_tables,

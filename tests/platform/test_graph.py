@@ -81,11 +81,11 @@ def test_every_dbt_node_and_source_appears_exactly_once(local_platform):
     source_keys = {t.key for t in local_platform.platform.federated_tables}
     assert len(source_keys) == len(manifest["sources"]) == len(local_platform.platform.federated_tables)
     assert source_keys <= keys
-    # plus the consumers: one asset per dashboard exposure, and the customer export
+    # plus the consumers: one asset per dashboard exposure, the customer export, the BI copy
     exposures = [e for e in manifest["exposures"].values() if e["type"] == "dashboard"]
     dashboards = {k for k in keys if k.path[0] == "dashboards"}
     assert dashboards == {dg.AssetKey(["dashboards", e["name"]]) for e in exposures}
-    assert len(keys) == len(nodes) + len(source_keys) + len(dashboards) + 1
+    assert len(keys) == len(nodes) + len(source_keys) + len(dashboards) + 2
 
 
 def _exposure_deps(manifest) -> dict[str, list[str]]:
