@@ -5,7 +5,7 @@ dbt's node selection, never turned into specs), so the exposures become AssetSpe
 keyed `dashboards/<exposure name>`, downstream of the keys the dbt translator gives the
 nodes in their `depends_on`.
 
-The BI tool (Metabase) reads the reporting views and marts directly: Dagster does not build
+The BI tool (Apache Superset, bi/) reads the reporting views and marts: Dagster does not build
 a dashboard, so a dashboard is an external asset. Its data is exactly as fresh as the
 stalest mart it reads, which is how it is tracked:
 - its FreshnessPolicy is the tightest of those marts' policies (dbt `meta.freshness`, read
@@ -28,8 +28,8 @@ from .dbt_assets import PlatformTranslator, freshness_meta
 from .dbt_command import layer_of
 
 DASHBOARDS_GROUP = "dashboards"
-# The BI tool the exposures are built in (README, "Connecting a BI tool").
-BI_TOOL = "metabase"
+# The BI tool the exposures are built in (bi/dashboards.py; README, "Dashboards and the customer portal").
+BI_TOOL = "superset"
 STORED_LAYERS = ("marts", "snapshots")
 DATA_AS_OF = "data_as_of"
 

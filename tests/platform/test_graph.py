@@ -110,7 +110,7 @@ def test_dashboards_follow_their_exposures(local_platform):
         node = graph.get(key)
         exposure = manifest["exposures"][f"exposure.reporting.{key.path[-1]}"]
         assert sorted(p.to_user_string() for p in node.parent_keys) == deps
-        assert node.group_name == "dashboards" and "metabase" in node.kinds
+        assert node.group_name == "dashboards" and "superset" in node.kinds
         assert node.owners == [exposure["owner"]["email"]]
         assert exposure["url"] and exposure["maturity"]
         # No looser than any mart it reads, looking through the views in between.
