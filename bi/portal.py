@@ -1,5 +1,5 @@
-"""The customer portal: a user of a client company signs in and downloads their company's
-exports; the company's embedded dashboards are to join them here.
+"""The customer portal: a user of a client company signs in, sees their company's training
+dashboard embedded from Superset, and downloads their company's exports.
 
 Sign-in: locally one account per company (`make portal` makes them for every company with an
 export: salted scrypt hashes in `<LOCAL_DIR>/portal/accounts.json`, each new password written
@@ -11,6 +11,14 @@ Sessions live in the server process (the cookie holds a random id only): signing
 session for good, a token signs in once, and a session of a removed account ends with it. A
 restart signs everyone out; the sessions are not shared between processes (one process
 serves the portal).
+
+Embedding (when SUPERSET_URL is set, as `make bi` does): the page loads the embedded SDK
+(bi/embed, `npm ci` from its lockfile; served from here) and mounts the dashboard
+`customer_training_dashboard` (bi/dashboards.py; the only one marked embeddable, checked at
+start). The SDK asks `POST /api/guest-token` for a guest token, which this backend requests
+from Superset as its service account with the RLS clause `company_id = <id>`, the integer of
+the signed-in session, never anything from the request. The embedded dashboard's uuid is read
+from SUPERSET_PROVISIONED (the provisioned.json `python -m bi up` writes).
 
 Exports: `GET /api/exports/<company_id>/training_report.csv|parquet` answers 401 without a
 session, 403 for another company's id, 404 for anything but a plain company id and a known
@@ -40,6 +48,7 @@ from urllib.parse import parse_qs
 import anyio
 import anyio.to_thread
 import duckdb
+import requests
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -49,6 +58,13 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainT
 from starlette.routing import Route
 
 from platform_assets.export_writers import DATA_AS_OF, REPORT_NAME
+
+from .dashboards import COMPANY_COLUMN, by_exposure
+from .superset_api import SupersetClient, SupersetError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SDK_BUNDLE = REPO_ROOT / "bi" / "embed" / "node_modules" / "@superset-ui" / "embedded-sdk" / "bundle" / "index.js"
+EMBEDDED_EXPOSURE = "customer_training_dashboard"
 
 EXPORT_FILES = {f"{REPORT_NAME}.parquet": "application/vnd.apache.parquet",
                 f"{REPORT_NAME}.csv": "text/csv; charset=utf-8"}
@@ -181,13 +197,40 @@ def export_as_of(path: Path) -> str | None:
 
 
 # -- settings ---------------------------------------------------------------------------------
+EMBED_VARIABLES = ("SUPERSET_SERVICE_USER", "SUPERSET_SERVICE_PASSWORD", "SUPERSET_PROVISIONED")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    superset_url: str  # what this backend calls
+    public_url: str  # what the browser loads the embedded dashboard from
+    service_user: str
+    service_password: str = field(repr=False)
+    provisioned: Path  # provisioned.json: the embedded dashboard's uuid
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> EmbedConfig | None:
+        if "SUPERSET_URL" not in env:
+            return None
+        missing = [name for name in EMBED_VARIABLES if name not in env]
+        if missing:
+            raise PortalError(f"SUPERSET_URL is set, so the portal also needs {', '.join(missing)} "
+                              "(make bi sets them locally)")
+        if not SDK_BUNDLE.is_file():
+            raise PortalError(f"{SDK_BUNDLE} is missing: `make venv` installs the embedded SDK (npm ci in bi/embed)")
+        return cls(superset_url=env["SUPERSET_URL"], public_url=env.get("SUPERSET_PUBLIC_URL", env["SUPERSET_URL"]),
+                   service_user=env["SUPERSET_SERVICE_USER"], service_password=env["SUPERSET_SERVICE_PASSWORD"],
+                   provisioned=Path(env["SUPERSET_PROVISIONED"]))
+
+
 @dataclass(frozen=True)
 class PortalConfig:
     home: Path  # accounts.json
     export_root: Path
-    session_secret: str
-    sso_secret: str | None = None
+    session_secret: str = field(repr=False)
+    sso_secret: str | None = field(default=None, repr=False)
     https_only: bool = False
+    embed: EmbedConfig | None = None  # None: exports only, no dashboard
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> PortalConfig:
@@ -206,7 +249,7 @@ class PortalConfig:
             raise PortalError(f"PORTAL_HTTPS_ONLY={https_only!r}: use true or false")
         return cls(home=Path(env["PORTAL_HOME"]), export_root=Path(env["EXPORT_URI"]),
                    session_secret=env["PORTAL_SESSION_SECRET"], sso_secret=env.get("PORTAL_SSO_SECRET"),
-                   https_only=https_only == "true")
+                   https_only=https_only == "true", embed=EmbedConfig.from_env(env))
 
 
 @dataclass
@@ -239,10 +282,24 @@ class Sessions:
 
 
 # -- the app ----------------------------------------------------------------------------------
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Training reports</title></head>
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Training reports</title>
+<style>#dashboard,#dashboard iframe{{width:100%;height:1100px;border:0}}</style></head>
 <body><header>{user} &middot; <form method="post" action="/logout" style="display:inline">
 <button>Sign out</button></form></header><h1>Your company's training report</h1><ul>{links}</ul>
-</body></html>"""
+{dashboard}</body></html>"""
+
+# The SDK frames Superset's embedded page and fetches each guest token (and its renewals) here.
+DASHBOARD = """<div id="dashboard"></div>
+<script src="/static/embedded-sdk.js"></script>
+<script>
+supersetEmbeddedSdk.embedDashboard({{
+  id: {embedded_id},
+  supersetDomain: {superset},
+  mountPoint: document.getElementById("dashboard"),
+  fetchGuestToken: () => fetch("/api/guest-token", {{method: "POST"}}).then(r => r.json()).then(j => j.token),
+  dashboardUiConfig: {{hideTitle: false, filters: {{visible: false, expanded: false}}}},
+}});
+</script>"""
 
 LOGIN = """<!doctype html><html><head><meta charset="utf-8"><title>Sign in</title></head><body>
 <form method="post" action="/login"><h1>Sign in</h1>{error}
@@ -257,6 +314,10 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
     config = config or PortalConfig.from_env()
     sso = URLSafeTimedSerializer(config.sso_secret, salt="portal-sso") if config.sso_secret else None
     sessions = Sessions()
+    embed = config.embed
+    superset = SupersetClient(embed.superset_url, embed.service_user, embed.service_password) if embed else None
+    if embed and by_exposure()[EMBEDDED_EXPOSURE].embedded is not True:
+        raise PortalError(f"{EMBEDDED_EXPOSURE} is not marked embeddable in bi/dashboards.py")
     login_slots: anyio.CapacityLimiter | None = None  # made on the event loop, at the first sign-in
     # checked for unknown users too, so that a wrong user takes as long as a wrong password
     decoy = hash_password(secrets.token_urlsafe(12))
@@ -277,6 +338,12 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
                 sessions.by_id.pop(session_id, None)
                 return None
         return current
+
+    def embedded_uuid() -> str | None:
+        """The embedded dashboard's uuid, once `python -m bi up` provisioned it."""
+        found = read_json(embed.provisioned, {}).get("embedded", {})
+        value = found.get(EMBEDDED_EXPOSURE) if isinstance(found, dict) else None
+        return value if isinstance(value, str) else None
 
     def signed_in(request: Request, user: str, company_id: int, from_account: bool) -> Response:
         previous = request.session.get("id")
@@ -338,7 +405,34 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
             return RedirectResponse("/login", status_code=303)
         company_id = current["company_id"]
         links = "".join(f'<li><a href="/api/exports/{company_id}/{name}">{name}</a></li>' for name in EXPORT_FILES)
-        return HTMLResponse(PAGE.format(user=html.escape(current["user"]), links=links), headers=PRIVATE)
+        dashboard = ""
+        if embed:
+            uuid = embedded_uuid()
+            # json.dumps quotes for the script; "</" cannot occur in a uuid or a URL we configured
+            dashboard = DASHBOARD.format(embedded_id=json.dumps(uuid), superset=json.dumps(embed.public_url)) \
+                if uuid else "<p>The dashboard is not provisioned yet.</p>"
+        return HTMLResponse(PAGE.format(user=html.escape(current["user"]), links=links, dashboard=dashboard),
+                            headers=PRIVATE)
+
+    async def guest_token(request: Request) -> Response:
+        current = session_of(request)
+        if current is None:
+            return JSONResponse({"error": "sign in first"}, status_code=401)
+        uuid = embedded_uuid()
+        if uuid is None:
+            return JSONResponse({"error": "the dashboard is not provisioned yet"}, status_code=503)
+        company_id = int(current["company_id"])
+        try:
+            # the clause is built from the session's integer company id, nothing else
+            token = await anyio.to_thread.run_sync(
+                superset.guest_token, uuid, f"portal-company-{company_id}", f"{COMPANY_COLUMN} = {company_id}")
+        except (SupersetError, requests.RequestException) as exc:
+            log.error(f"guest token for company {company_id}: {exc}")
+            return JSONResponse({"error": "the dashboard service did not answer; try again later"}, status_code=502)
+        return JSONResponse({"token": token}, headers=PRIVATE)
+
+    async def sdk(request: Request) -> Response:
+        return FileResponse(SDK_BUNDLE, media_type="text/javascript")
 
     async def export(request: Request) -> Response:
         current = session_of(request)
@@ -365,16 +459,19 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
     async def health(request: Request) -> Response:
         return PlainTextResponse("OK")
 
-    async def accounts_unreadable(request: Request, exc: PortalError) -> Response:
+    async def unreadable(request: Request, exc: PortalError) -> Response:
         log.error(str(exc))
-        return PlainTextResponse("the portal's accounts cannot be read; try again later", status_code=503)
+        return PlainTextResponse("the portal's files cannot be read; try again later", status_code=503)
+
+    embedding = [Route("/api/guest-token", guest_token, methods=["POST"]),
+                 Route("/static/embedded-sdk.js", sdk)] if embed else []
 
     return Starlette(
-        exception_handlers={PortalError: accounts_unreadable},
+        exception_handlers={PortalError: unreadable},
         routes=[
             Route("/", home), Route("/login", login_form, methods=["GET"]), Route("/login", login, methods=["POST"]),
             Route("/sso", sso_login), Route("/logout", logout, methods=["POST"]),
-            Route("/api/exports/{company_id}/{name}", export), Route("/health", health),
+            Route("/api/exports/{company_id}/{name}", export), Route("/health", health), *embedding,
         ],
         middleware=[Middleware(SessionMiddleware, secret_key=config.session_secret, session_cookie="portal_session",
                                same_site="lax", https_only=config.https_only, max_age=SESSION_MAX_AGE_S)],

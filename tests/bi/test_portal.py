@@ -123,6 +123,8 @@ def test_the_export_api_serves_each_company_only_its_own_file(portal):
             assert f"company_{a}_{name}" in r.headers["content-disposition"]
     assert session.get(f"{url}/api/exports/{b}/{csv}", timeout=30).status_code == 403
     assert f"/api/exports/{a}/{csv}" in session.get(f"{url}/", timeout=30).text
+    # no SUPERSET_URL: exports only, no embedding to ask a guest token for
+    assert session.post(f"{url}/api/guest-token", timeout=30).status_code == 404
 
     cookie = session.cookies["portal_session"]
     other = (portal.exports / f"company_id={b}" / csv).read_bytes()
@@ -279,7 +281,8 @@ def test_portal_settings_are_checked_and_named(tmp_path):
                          ({"PORTAL_SSO_SECRET": "short"}, "PORTAL_SSO_SECRET is shorter"),
                          ({"PORTAL_SESSION_SECRET": "short"}, "PORTAL_SESSION_SECRET is shorter"),
                          ({"EXPORT_URI": "s3://bucket/exports"}, "EXPORT_URI='s3://bucket/exports'"),
-                         ({"PORTAL_HOME": ""}, "PORTAL_HOME")):
+                         ({"PORTAL_HOME": ""}, "PORTAL_HOME"),
+                         ({"SUPERSET_URL": "http://127.0.0.1:1"}, "SUPERSET_SERVICE_USER, SUPERSET_SERVICE_PASSWORD")):
         with pytest.raises(PortalError, match=re.escape(named)):
             PortalConfig.from_env({**base, **extra})
     assert PortalConfig.from_env({**base, "PORTAL_HTTPS_ONLY": "true"}).https_only
