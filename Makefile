@@ -29,7 +29,7 @@ export LOCAL_DIR
 # The local Dagster instance lives under .local/dagster (dagster.yaml is copied there).
 DAGSTER_HOME_DIR := $(LOCAL_DIR)/dagster
 
-.PHONY: help venv up down status simulate clean demo full-refresh test churn dbt-build ui portal bench lint scan dagster-home
+.PHONY: help venv up down status simulate clean demo full-refresh test churn dbt-build ui bi bi-down bench bench-bi lint scan dagster-home
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -74,7 +74,7 @@ status: $(STAMP) ## both servers' state and the replica's replay lag
 simulate: $(STAMP) ## apply one batch of realistic changes on the primary
 	@$(PY) -m localenv simulate
 
-clean: ## stop the servers and remove .local/
+clean: bi-down ## stop the servers, Superset and the portal and remove .local/
 	@if [ -x $(PY) ]; then $(PY) -m localenv clean; else rm -rf $(LOCAL_DIR); fi
 
 dbt-build: up ## dbt build on TARGET=local (DuckDB, default) or TARGET=pg
@@ -84,16 +84,19 @@ dagster-home:
 	@mkdir -p $(DAGSTER_HOME_DIR) && cp dagster.yaml $(DAGSTER_HOME_DIR)/dagster.yaml
 
 # DEMO_STARTED: the demo's summary reports the wall time of the whole target, `make up` included.
-demo: $(STAMP) ## the main job on the embedded default (DuckDB): every asset once
+demo: $(STAMP) $(BI_DEPS) ## the main job on the embedded default (DuckDB): every asset once, then make bi
 	@export DEMO_STARTED=$$($(PY) -c 'import time; print(time.time())') && $(PY) -m localenv up && $(PY) -m localenv summary \
 		&& mkdir -p $(DAGSTER_HOME_DIR) && cp dagster.yaml $(DAGSTER_HOME_DIR)/dagster.yaml \
-		&& DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m localenv.demo
+		&& DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m localenv.demo && $(PY) -m bi up
 
 full-refresh: up dagster-home ## every asset through Dagster with every dbt model rebuilt in full
 	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m localenv.demo --full-refresh
 
-portal: $(STAMP) ## the customer portal on http://127.0.0.1:8090: each company's exports behind a sign-in
-	@$(PY) -m bi accounts && $(PY) -m bi serve
+bi: up ## Superset (http://127.0.0.1:8088) and the customer portal (http://127.0.0.1:8090), in the background
+	@$(PY) -m bi up
+
+bi-down: ## stop Superset and the portal
+	@if [ -x $(PY) ]; then $(PY) -m bi down; fi
 
 ui: up dagster-home ## the Dagster UI (lineage, runs, backfills) on http://127.0.0.1:3000
 	@DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
@@ -106,6 +109,9 @@ churn: $(STAMP) ## the churn property test, CHURN_EXAMPLES (100) per engine (mak
 
 bench: $(STAMP) ## EVENTS (8000000) events: Dagster vs plain dbt vs raw SQL vs PostgreSQL (docs/benchmarks.md)
 	@$(PY) -m bench
+
+bench-bi: $(STAMP) ## 20 companies load the embedded dashboard at once (needs make bi): p50/p95, errors
+	@$(PY) -m bench.bi_load
 
 lint: $(STAMP) ## ruff
 	@$(VENV)/bin/ruff check platform_assets deploy/local tests bench bi

@@ -1,25 +1,36 @@
-"""`python -m bi accounts|serve`: the customer portal, locally (`make portal` runs both).
+"""`python -m bi accounts|serve|up|down|status|publish`: the customer portal and Superset, locally.
 
 `accounts` makes one account per company with an export (their new passwords go to
-`<LOCAL_DIR>/portal/accounts.txt`); `serve` serves the portal on PORTAL_HOST:PORTAL_PORT
-(127.0.0.1:8090). The export folder is the platform's EXPORT_URI (platform_assets.settings);
-the session key is generated on first use and kept in `<LOCAL_DIR>/portal/secrets.json`
-(mode 0600; in prod it must be given). PORTAL_HOME and PORTAL_SESSION_SECRET set in the
-environment win.
+`<LOCAL_DIR>/portal/accounts.txt`); `serve` serves the portal in the foreground on
+PORTAL_HOST:PORTAL_PORT (127.0.0.1:8090), embedding Superset's dashboard when SUPERSET_URL is
+set. The export folder is the platform's EXPORT_URI (platform_assets.settings); the session key
+is generated on first use and kept in `<LOCAL_DIR>/portal/secrets.json` (mode 0600; in prod it
+must be given). PORTAL_HOME and PORTAL_SESSION_SECRET set in the environment win.
+
+`up` (make bi, and the end of make demo) publishes the BI copy of the warehouse when the
+warehouse changed since the last copy, starts Superset (SUPERSET_PORT, 8088) and the portal in
+the background if they are not running, provisions the dashboards (skipped when their
+definition is unchanged), makes the portal accounts, and prints where to click; `down` stops
+both, `status` says whether they run, `publish` publishes the BI copy only.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from platform_assets.settings import REPO_ROOT, ConfigurationError, load_settings
 
 from .portal import PortalConfig, PortalError, create_app, exported_companies, read_json, write_accounts, write_private
+
+COMMANDS = ("accounts", "serve", "up", "down", "status", "publish")
 
 
 def portal_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -45,12 +56,118 @@ def portal_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+# -- Superset and the portal in the background (make bi) ----------------------------------------
+def _servers(env: dict[str, str]):
+    from .local import PortalServer, SupersetServer
+
+    home = Path(env.get("LOCAL_DIR") or REPO_ROOT / ".local").resolve() / "bi"
+    home.mkdir(parents=True, exist_ok=True)
+    superset_port, portal_port = int(env.get("SUPERSET_PORT", "8088")), int(env.get("PORTAL_PORT", "8090"))
+    origins = (f"http://127.0.0.1:{portal_port}", f"http://localhost:{portal_port}")
+    superset = SupersetServer(home, superset_port, portal_origins=origins,
+                              workers=int(env.get("SUPERSET_WORKERS", "2")))
+    portal = PortalServer(Path(env["PORTAL_HOME"]), portal_port, superset, Path(env["EXPORT_URI"]))
+    return superset, portal
+
+
+def _warehouse(env: dict[str, str]) -> Path:
+    """The DuckDB file dbt writes, as the platform reads its path (`.local/platform.env` included)."""
+    settings = load_settings(env)
+    local_dir = Path(settings.optional("LOCAL_DIR") or REPO_ROOT / ".local")
+    return Path(settings.optional("DUCKDB_PATH") or local_dir / "warehouse.duckdb")
+
+
+def publish_if_changed(env: dict[str, str]) -> str:
+    from platform_assets.bi import copy_path
+
+    from . import dashboards
+    from .warehouse_copy import publish_copy
+
+    source = _warehouse(env)
+    if not source.exists():
+        return f"no warehouse at {source} yet (make demo builds it): the dashboards will be empty"
+    copy = copy_path(str(source))
+    stamp = copy.with_suffix(".source-mtime")
+    mtime = str(source.stat().st_mtime_ns)
+    if copy.exists() and stamp.exists() and stamp.read_text() == mtime:
+        return "BI copy up to date"
+    t0 = time.monotonic()
+    rows = publish_copy(source, copy, dashboards.relations())
+    stamp.write_text(mtime)
+    return f"BI copy published: {len(rows)} relations, {sum(rows.values()):,} rows in {time.monotonic() - t0:.1f}s"
+
+
+def up(env: dict[str, str]) -> int:
+    from platform_assets.bi import copy_path
+
+    from . import dashboards
+    from .dashboards import Provisioned
+    from .local import SERVICE_USER, load_or_create_secrets, provision
+    from .superset_api import SupersetClient
+
+    started = time.monotonic()
+    superset, portal = _servers(env)
+    published = publish_if_changed(env)
+    print(f"  {published}")
+    copy = copy_path(str(_warehouse(env)))
+    t0 = time.monotonic()
+    superset.start(timeout=300)
+    print(f"  Superset serving at {superset.url} ({time.monotonic() - t0:.1f}s)")
+    origins = list(superset.portal_origins)
+    digest = hashlib.sha256(dashboards.import_bundle(f"duckdb:///{copy}") + json.dumps(origins).encode()).hexdigest()
+    state = superset.home / "provisioned.json"
+    previous = read_json(state, {})
+    if previous.get("digest") != digest:
+        _, provisioned = provision(superset, copy, origins)
+        write_private(state, json.dumps({**read_json(state, {}), "digest": digest}, indent=1))
+        print(f"  dashboards provisioned: {', '.join(sorted(provisioned.dashboards))}")
+    elif published.startswith("BI copy published"):
+        client = SupersetClient(superset.url, SERVICE_USER,
+                                load_or_create_secrets(superset.home)["SUPERSET_SERVICE_PASSWORD"])
+        client.invalidate(Provisioned(**{k: v for k, v in previous.items() if k != "digest"}),
+                          f"BI copy published {datetime.now(UTC).isoformat(timespec='seconds')}")
+        print("  cached chart results of the previous copy dropped")
+    companies = exported_companies(portal.export_root)
+    created = write_accounts(portal.home, companies)
+    portal.start()
+    print(f"  portal serving at {portal.url} ({len(companies)} company accounts, {len(created)} new)")
+    provisioned = read_json(state, {})
+    print(f"\nwhere to click ({time.monotonic() - started:.1f}s):")
+    print(f"  customer portal  {portal.url}/  (sign in as company-<id>; passwords in {portal.home / 'accounts.txt'})")
+    for exposure, dashboard_id in sorted(provisioned.get("dashboards", {}).items()):
+        print(f"  Superset         {superset.url}/superset/dashboard/{dashboard_id}/  ({exposure})")
+    print(f"  Superset sign-in: user {SERVICE_USER}, password SUPERSET_SERVICE_PASSWORD in "
+          f"{superset.home / 'secrets.env'}")
+    return 0
+
+
+def down(env: dict[str, str]) -> int:
+    superset, portal = _servers(env)
+    portal.stop()
+    superset.stop()
+    print("  Superset and the portal stopped")
+    return 0
+
+
+def status(env: dict[str, str]) -> int:
+    superset, portal = _servers(env)
+    for name, server in (("Superset", superset), ("portal", portal)):
+        pid = server.running_pid()
+        print(f"  {name:<9} {'running, pid ' + str(pid) + ', ' + server.url if pid else 'stopped'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bi", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["accounts", "serve"])
+    parser.add_argument("command", choices=COMMANDS)
     args = parser.parse_args(argv)
     try:
         env = portal_environ()
+        if args.command == "publish":
+            print(f"  {publish_if_changed(env)}")
+            return 0
+        if args.command in ("up", "down", "status"):
+            return {"up": up, "down": down, "status": status}[args.command](env)
         config = PortalConfig.from_env(env)
         if args.command == "accounts":
             companies = exported_companies(config.export_root)
