@@ -38,6 +38,9 @@ SHARED_FIXTURE_GROUPS = {
     # one Dagster webserver (tests/platform/conftest.py: platform_webserver)
     "tests/platform/test_graph.py": "webserver",
     "tests/platform/test_ui_browser.py": "webserver",
+    # one Superset + portal (tests/bi/conftest.py: bi_stack); test_portal.py has its own
+    # exports-only portal and joins the group only because it lives there
+    "tests/bi/": "bi-stack",
 }
 
 
@@ -45,6 +48,7 @@ SHARED_FIXTURE_GROUPS = {
 # files fill the gaps at the end. xdist's own order (most tests first) put the single-test
 # churn files last, where one worker ran both while the other idled.
 LONGEST_FIRST = (
+    "bi-stack",
     "tests/platform/test_churn_duckdb.py",
     "tests/platform/test_churn_postgres.py",
     "dbt-scenario",

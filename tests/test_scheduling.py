@@ -45,6 +45,9 @@ def test_files_sharing_a_fixture_are_one_unit_and_other_files_their_own():
     assert scenario == {"dbt-scenario"}
     assert scheduling_group("tests/platform/test_ui_browser.py::t") == "webserver"
     assert scheduling_group("tests/platform/test_graph.py::u") == "webserver"
+    assert scheduling_group("tests/bi/test_reads_during_refresh.py::t") == "bi-stack" \
+        == scheduling_group("tests/bi/test_embedded_portal.py::u") == scheduling_group("tests/bi/test_copy_asset.py::v")
+    assert schedule_rank("tests/bi/test_embedded_portal.py::u") == 0  # the Superset start, on one worker, first
     assert scheduling_group("tests/platform/test_pipeline.py::a[local]") == "tests/platform/test_pipeline.py"
     assert scheduling_group("tests/platform/test_pipeline.py::b[pg]") == "tests/platform/test_pipeline.py"
     assert scheduling_group("tests/reliability/test_lag_guard.py::c") == "tests/reliability/test_lag_guard.py"
