@@ -144,7 +144,12 @@ class SupersetServer:
             proc = subprocess.Popen(cmd, env=self.environ(), stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.home)
         self.pidfile.write_text(str(proc.pid))
-        wait_http(f"{self.url}/health", proc, self.log, timeout)
+        try:
+            wait_http(f"{self.url}/health", proc, self.log, timeout)
+        except BaseException:  # a server that never answered is not left running
+            stop_pid(proc.pid)
+            self.pidfile.unlink(missing_ok=True)
+            raise
         return proc
 
     def stop(self) -> None:
@@ -171,7 +176,10 @@ def stop_pid(pid: int, timeout: float = 30) -> None:
         except ChildProcessError:
             pass
         time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
+    try:  # the servers run in sessions of their own: gunicorn's workers go with their master
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
@@ -220,7 +228,12 @@ class PortalServer:
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                     cwd=REPO_ROOT)
         self.pidfile.write_text(str(proc.pid))
-        wait_http(f"{self.url}/health", proc, self.log, timeout)
+        try:
+            wait_http(f"{self.url}/health", proc, self.log, timeout)
+        except BaseException:  # a server that never answered is not left running
+            stop_pid(proc.pid)
+            self.pidfile.unlink(missing_ok=True)
+            raise
         return proc
 
     def stop(self) -> None:

@@ -40,6 +40,7 @@ import re
 import secrets
 import tempfile
 import time
+import uuid as uuids
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -343,7 +344,10 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
         """The embedded dashboard's uuid, once `python -m bi up` provisioned it."""
         found = read_json(embed.provisioned, {}).get("embedded", {})
         value = found.get(EMBEDDED_EXPOSURE) if isinstance(found, dict) else None
-        return value if isinstance(value, str) else None
+        try:  # it goes into the page's script: a uuid and nothing else
+            return str(uuids.UUID(value)) if isinstance(value, str) else None
+        except ValueError:
+            return None
 
     def signed_in(request: Request, user: str, company_id: int, from_account: bool) -> Response:
         previous = request.session.get("id")

@@ -58,7 +58,7 @@ def publish_copy(source: Path, dest: Path, relations: Iterable[tuple[str, str]],
             con.close()
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        tmp.chmod(0o644)
+        tmp.chmod(0o600)  # every company's rows: for Superset, run by the same user
         os.replace(tmp, dest)  # readers see the old copy or the new one
         dir_fd = os.open(dest.parent, os.O_RDONLY)
         try:

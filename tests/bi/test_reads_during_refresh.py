@@ -21,7 +21,8 @@ READERS = 6
 
 
 def test_dashboards_load_during_a_full_refresh_with_no_failed_chart(bi_stack):
-    token = guest_token(bi_stack, bi_stack.companies[0])
+    # a new token at each refresh: one outliving its 300 s would fail requests on a slow machine
+    token = {"current": guest_token(bi_stack, bi_stack.companies[0])}
     # force: past Superset's results cache, every request reads the BI copy
     guest_bodies = [{**chart_request(bi_stack, c), "force": True} for c in CUSTOMER.charts]
     internal = [(d.exposure, c) for d in dashboards.DASHBOARDS if not d.embedded for c in d.charts]
@@ -42,7 +43,7 @@ def test_dashboards_load_during_a_full_refresh_with_no_failed_chart(bi_stack):
                               "/data/", params={"force": "true"}, timeout=60)
             else:  # an embedded chart, as company A's guest
                 r = session.post(f"{bi_stack.superset.url}/api/v1/chart/data", json=guest_bodies[i % len(guest_bodies)],
-                                 headers={"X-GuestToken": token}, timeout=60)
+                                 headers={"X-GuestToken": token["current"]}, timeout=60)
             ok = r.status_code == 200 and all(q.get("rowcount", 0) > 0 and not q.get("error")
                                               for q in r.json().get("result", []))
             with lock:
@@ -60,6 +61,7 @@ def test_dashboards_load_during_a_full_refresh_with_no_failed_chart(bi_stack):
         # MIN_REQUESTS chart requests ran during a refresh; at the test scale one takes ~10 s.
         refreshes = []
         while counts["refresh"] < MIN_REQUESTS and len(refreshes) < MAX_REFRESHES:
+            token["current"] = guest_token(bi_stack, bi_stack.companies[0])
             phase["name"] = "refresh"
             result = bi_stack.dbt("run", "--full-refresh", check=False)
             refreshes.append(result.seconds)
