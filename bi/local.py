@@ -123,12 +123,7 @@ class SupersetServer:
         stamp.touch()
 
     def running_pid(self) -> int | None:
-        try:
-            pid = int(self.pidfile.read_text())
-            os.kill(pid, 0)
-            return pid
-        except (OSError, ValueError):
-            return None
+        return running_pid(self.pidfile)
 
     def start(self, timeout: float = 120) -> subprocess.Popen | None:
         """gunicorn serving Superset, in its own session; returns once /health answers."""
@@ -140,23 +135,43 @@ class SupersetServer:
                "-w", str(self.workers), "-k", "gthread", "--threads", str(self.threads),
                "--timeout", "120", "--keep-alive", "30", "--limit-request-line", "0", "--limit-request-field_size", "0",
                "superset.app:create_app()"]
-        with self.log.open("ab") as out:
-            proc = subprocess.Popen(cmd, env=self.environ(), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.home)
-        self.pidfile.write_text(str(proc.pid))
-        try:
-            wait_http(f"{self.url}/health", proc, self.log, timeout)
-        except BaseException:  # a server that never answered is not left running
-            stop_pid(proc.pid)
-            self.pidfile.unlink(missing_ok=True)
-            raise
-        return proc
+        return spawn(cmd, self.environ(), self.home, self.log, self.pidfile, f"{self.url}/health", timeout)
 
     def stop(self) -> None:
-        pid = self.running_pid()
-        if pid:
-            stop_pid(pid)
-        self.pidfile.unlink(missing_ok=True)
+        stop_server(self.pidfile)
+
+
+def running_pid(pidfile: Path) -> int | None:
+    """The live process the pidfile names, if any."""
+    try:
+        pid = int(pidfile.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def spawn(cmd: list[str], env: dict[str, str], cwd: Path, log: Path, pidfile: Path, health_url: str,
+          timeout: float) -> subprocess.Popen:
+    """A server in a session of its own, output to `log`, pid in `pidfile`; returns once
+    `health_url` answers, else stops it (a server that never answered is not left running)."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=cwd)
+    pidfile.write_text(str(proc.pid))
+    try:
+        wait_http(health_url, proc, log, timeout)
+    except BaseException:
+        stop_pid(proc.pid)
+        pidfile.unlink(missing_ok=True)
+        raise
+    return proc
+
+
+def stop_server(pidfile: Path) -> None:
+    if pid := running_pid(pidfile):
+        stop_pid(pid)
+    pidfile.unlink(missing_ok=True)
 
 
 def stop_pid(pid: int, timeout: float = 30) -> None:
@@ -212,35 +227,17 @@ class PortalServer:
                 "SUPERSET_PROVISIONED": str(self.superset.home / "provisioned.json")}
 
     def running_pid(self) -> int | None:
-        try:
-            pid = int(self.pidfile.read_text())
-            os.kill(pid, 0)
-            return pid
-        except (OSError, ValueError):
-            return None
+        return running_pid(self.pidfile)
 
     def start(self, timeout: float = 60) -> subprocess.Popen | None:
         if self.running_pid():
             return None
         self.home.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "bi", "serve"], env=self.environ(), stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                    cwd=REPO_ROOT)
-        self.pidfile.write_text(str(proc.pid))
-        try:
-            wait_http(f"{self.url}/health", proc, self.log, timeout)
-        except BaseException:  # a server that never answered is not left running
-            stop_pid(proc.pid)
-            self.pidfile.unlink(missing_ok=True)
-            raise
-        return proc
+        return spawn([sys.executable, "-m", "bi", "serve"], self.environ(), REPO_ROOT, self.log, self.pidfile,
+                     f"{self.url}/health", timeout)
 
     def stop(self) -> None:
-        pid = self.running_pid()
-        if pid:
-            stop_pid(pid)
-        self.pidfile.unlink(missing_ok=True)
+        stop_server(self.pidfile)
 
 
 def provision(superset: SupersetServer, copy_path: Path, portal_origins: list[str]):
