@@ -84,9 +84,9 @@ dagster-home:
 	@mkdir -p $(DAGSTER_HOME_DIR) && cp dagster.yaml $(DAGSTER_HOME_DIR)/dagster.yaml
 
 # DEMO_STARTED: the demo's summary reports the wall time of the whole target, `make up` included.
-demo: $(STAMP) $(BI_DEPS) ## the main job on the embedded default (DuckDB): every asset once, then make bi
+demo: $(STAMP) $(BI_DEPS) ## the main job on the embedded default (DuckDB): Superset up, every asset once, where to click
 	@export DEMO_STARTED=$$($(PY) -c 'import time; print(time.time())') && $(PY) -m localenv up && $(PY) -m localenv summary \
-		&& mkdir -p $(DAGSTER_HOME_DIR) && cp dagster.yaml $(DAGSTER_HOME_DIR)/dagster.yaml \
+		&& $(PY) -m bi start && mkdir -p $(DAGSTER_HOME_DIR) && cp dagster.yaml $(DAGSTER_HOME_DIR)/dagster.yaml \
 		&& DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m localenv.demo && $(PY) -m bi up
 
 full-refresh: up dagster-home ## every asset through Dagster with every dbt model rebuilt in full

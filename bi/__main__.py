@@ -7,11 +7,14 @@ set. The export folder is the platform's EXPORT_URI (platform_assets.settings); 
 is generated on first use and kept in `<LOCAL_DIR>/portal/secrets.json` (mode 0600; in prod it
 must be given). PORTAL_HOME and PORTAL_SESSION_SECRET set in the environment win.
 
-`up` (make bi, and the end of make demo) publishes the BI copy of the warehouse when the
-warehouse changed since the last copy, starts Superset (SUPERSET_PORT, 8088) and the portal in
-the background if they are not running, provisions the dashboards (skipped when their
-definition is unchanged), makes the portal accounts, and prints where to click; `down` stops
-both, `status` says whether they run, `publish` publishes the BI copy only.
+`up` (make bi, and the start and end of make demo) publishes the BI copy of the warehouse when
+the warehouse changed since the last copy, starts Superset (SUPERSET_PORT, 8088) and the portal
+in the background if they are not running, writes Superset's address and service account into
+`.local/platform.env` (Dagster's dashboards assets provision and warm the dashboards after each
+refresh), provisions the dashboards once a copy exists (skipped when their definition is
+unchanged), makes the portal accounts, and prints where to click; `start` does the same
+without the last part. `down` stops both, `status` says whether they run, `publish` publishes
+the BI copy only.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from platform_assets.settings import REPO_ROOT, ConfigurationError, load_setting
 
 from .portal import PortalConfig, PortalError, create_app, exported_companies, read_json, write_accounts, write_private
 
-COMMANDS = ("accounts", "serve", "up", "down", "status", "publish")
+COMMANDS = ("accounts", "serve", "start", "up", "down", "status", "publish")
 
 
 def portal_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -97,7 +100,28 @@ def publish_if_changed(env: dict[str, str]) -> str:
     return f"BI copy published: {len(rows)} relations, {sum(rows.values()):,} rows in {time.monotonic() - t0:.1f}s"
 
 
-def up(env: dict[str, str]) -> int:
+def remember_superset(env: dict[str, str], superset, copy: Path) -> None:
+    """Superset's address and service account in `.local/platform.env` (0600), where the
+    platform reads them: its dashboards assets then provision and warm the dashboards."""
+    from dotenv import set_key
+
+    from platform_assets.settings import env_file_path, env_file_values
+
+    from .local import SERVICE_USER, load_or_create_secrets
+
+    path = env_file_path(env)
+    if not path.exists():
+        return  # no `make up`: nothing local to configure
+    wanted = {"SUPERSET_URL": superset.url, "SUPERSET_SERVICE_USER": SERVICE_USER,
+              "SUPERSET_SERVICE_PASSWORD": load_or_create_secrets(superset.home)["SUPERSET_SERVICE_PASSWORD"],
+              "SUPERSET_DATABASE_URI": f"duckdb:///{copy}", "PORTAL_ORIGINS": ",".join(superset.portal_origins)}
+    current = env_file_values(path)
+    for key, value in wanted.items():
+        if current.get(key) != value:
+            set_key(path, key, value, quote_mode="never")
+
+
+def up(env: dict[str, str], announce: bool = True) -> int:
     from platform_assets.bi import copy_path
 
     from . import dashboards
@@ -113,11 +137,14 @@ def up(env: dict[str, str]) -> int:
     t0 = time.monotonic()
     superset.start(timeout=300)
     print(f"  Superset serving at {superset.url} ({time.monotonic() - t0:.1f}s)")
+    remember_superset(env, superset, copy)
     origins = list(superset.portal_origins)
     digest = hashlib.sha256(dashboards.import_bundle(f"duckdb:///{copy}") + json.dumps(origins).encode()).hexdigest()
     state = superset.home / "provisioned.json"
     previous = read_json(state, {})
-    if previous.get("digest") != digest:
+    if not copy.exists():
+        print("  no BI copy yet: Dagster's dashboards assets provision the dashboards once the marts are built")
+    elif previous.get("digest") != digest:
         _, provisioned = provision(superset, copy, origins)
         write_private(state, json.dumps({**read_json(state, {}), "digest": digest}, indent=1))
         print(f"  dashboards provisioned: {', '.join(sorted(provisioned.dashboards))}")
@@ -132,6 +159,8 @@ def up(env: dict[str, str]) -> int:
     portal.start()
     print(f"  portal serving at {portal.url} ({len(companies)} company accounts, {len(created)} new)")
     provisioned = read_json(state, {})
+    if not announce:
+        return 0
     print(f"\nwhere to click ({time.monotonic() - started:.1f}s):")
     print(f"  customer portal  {portal.url}/  (sign in as company-<id>; passwords in {portal.home / 'accounts.txt'})")
     for exposure, dashboard_id in sorted(provisioned.get("dashboards", {}).items()):
@@ -166,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "publish":
             print(f"  {publish_if_changed(env)}")
             return 0
+        if args.command == "start":
+            return up(env, announce=False)
         if args.command in ("up", "down", "status"):
             return {"up": up, "down": down, "status": status}[args.command](env)
         config = PortalConfig.from_env(env)

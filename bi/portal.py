@@ -340,10 +340,22 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
                 return None
         return current
 
+    embedded_found: dict[str, str] = {}
+
     def embedded_uuid() -> str | None:
-        """The embedded dashboard's uuid, once `python -m bi up` provisioned it."""
+        """The embedded dashboard's uuid, once provisioned (`python -m bi up` or the Dagster
+        dashboards asset): from provisioned.json, else asked of Superset once."""
         found = read_json(embed.provisioned, {}).get("embedded", {})
         value = found.get(EMBEDDED_EXPOSURE) if isinstance(found, dict) else None
+        if value is None and "uuid" not in embedded_found:
+            try:
+                looked_up = superset.embedded_uuid(by_exposure()[EMBEDDED_EXPOSURE].uuid)
+            except (SupersetError, requests.RequestException) as exc:
+                log.warning(f"embedded dashboard not found in Superset: {exc}")
+                looked_up = None
+            if looked_up is not None:
+                embedded_found["uuid"] = looked_up
+        value = value or embedded_found.get("uuid")
         try:  # it goes into the page's script: a uuid and nothing else
             return str(uuids.UUID(value)) if isinstance(value, str) else None
         except ValueError:
@@ -411,7 +423,7 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
         links = "".join(f'<li><a href="/api/exports/{company_id}/{name}">{name}</a></li>' for name in EXPORT_FILES)
         dashboard = ""
         if embed:
-            uuid = embedded_uuid()
+            uuid = await anyio.to_thread.run_sync(embedded_uuid)
             # json.dumps quotes for the script; "</" cannot occur in a uuid or a URL we configured
             dashboard = DASHBOARD.format(embedded_id=json.dumps(uuid), superset=json.dumps(embed.public_url)) \
                 if uuid else "<p>The dashboard is not provisioned yet.</p>"
@@ -422,7 +434,7 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
         current = session_of(request)
         if current is None:
             return JSONResponse({"error": "sign in first"}, status_code=401)
-        uuid = embedded_uuid()
+        uuid = await anyio.to_thread.run_sync(embedded_uuid)
         if uuid is None:
             return JSONResponse({"error": "the dashboard is not provisioned yet"}, status_code=503)
         company_id = int(current["company_id"])

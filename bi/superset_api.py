@@ -139,6 +139,18 @@ class SupersetClient:
             rows += sum(q.get("rowcount", 0) for q in result["result"])
         return rows
 
+    def embedded_uuid(self, dashboard_uuid: str) -> str | None:
+        """The uuid a dashboard is embedded by, or None when it is not provisioned or not embedded."""
+        found = self.find("dashboard", "uuid", dashboard_uuid, ["id"])
+        if not found:
+            return None
+        r = self.session().get(f"{self.url}/api/v1/dashboard/{found[0]['id']}/embedded", timeout=self.timeout)
+        if r.status_code == 404:
+            return None
+        if r.status_code >= 400:
+            raise SupersetError(f"GET embedded config of dashboard {dashboard_uuid}: HTTP {r.status_code}")
+        return r.json()["result"]["uuid"]
+
     # -- embedding --------------------------------------------------------------------------
     def guest_token(self, embedded_uuid: str, username: str, rls_clause: str) -> str:
         body = {"user": {"username": username, "first_name": username, "last_name": ""},

@@ -11,14 +11,21 @@ from dataclasses import dataclass
 import dagster as dg
 from dagster_dbt import DbtProject
 
-from .automation import automation_sensors, observe_schedule, run_failure_alert
-from .bi import bi_definitions
+from .automation import automation_sensors, dashboard_automation, observe_schedule, run_failure_alert
+from .bi import COPY_KEY, bi_definitions
 from .changes import DEFAULT_MAX_GAP_DAYS, DEFAULT_RECENT_DAYS, DailyFacts, changes_sensor, matches_replica_check
 from .checks import replica_lag_check_keys
 from .dbt_assets import SIZING, WAREHOUSE_POOL, PlatformTranslator, build_dbt_assets
 from .dbt_project import dbt_project_for, dbt_resource, read_manifest
 from .exports import Exports, build_exports
-from .exposures import Dashboard, dashboard_refresh_sensor, dashboard_specs, dashboards_from_manifest
+from .exposures import (
+    Dashboard,
+    dashboard_assets,
+    dashboard_refresh_sensor,
+    dashboard_specs,
+    dashboards_from_manifest,
+    superset_resource,
+)
 from .resources import replica_resource, warehouse_resource
 from .run_health import run_health_sensors
 from .settings import PlatformSettings
@@ -67,6 +74,17 @@ def build_platform(settings: PlatformSettings) -> Platform:
     # The dashboards (dbt exposures) and the customer exports: what reads the marts.
     dashboards = dashboards_from_manifest(manifest, PlatformTranslator(engine=settings.engine))
     exports = build_exports(settings, manifest, pool=WAREHOUSE_POOL, run_tags=SIZING["exports"])
+    # With a BI server configured the dashboards are provisioned and warmed by their own runs
+    # (locally after the BI copy they read); without one they are external assets.
+    superset = superset_resource(settings)
+    if superset is None:
+        dashboard_defs, dashboard_sensors, bi_resources = dashboard_specs(dashboards), [
+            dashboard_refresh_sensor(dashboards)], {}
+    else:
+        dashboard_def = dashboard_assets(dashboards, dashboard_automation(),
+                                         upstream=[COPY_KEY] if settings.env == "local" else [])
+        dashboard_defs, bi_resources = [dashboard_def], {"superset": superset}
+        dashboard_sensors = automation_sensors({"dashboards": (dashboard_def, {})})
 
     observe_job = dg.define_asset_job(
         "observe_federated_sources",
@@ -89,8 +107,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
     )
 
     defs = dg.Definitions(
-        assets=[federated_sources, dbt_models, dbt_daily_facts, exports.asset,
-                *dashboard_specs(dashboards)],
+        assets=[federated_sources, dbt_models, dbt_daily_facts, exports.asset, *dashboard_defs],
         asset_checks=[matches_replica_check(daily_facts)],
         jobs=[observe_job, daily_facts_job, dbt_job, exports.job],
         schedules=[
@@ -104,7 +121,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
                            full_scan_minutes=settings.number("CHANGE_FULL_SCAN_MINUTES", 60, float, minimum=0.1)),
             run_failure_alert,
             exports.sensor,
-            dashboard_refresh_sensor(dashboards),
+            *dashboard_sensors,
             *run_health_sensors(settings.env),
         ],
         resources={
@@ -112,6 +129,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
             # EnvVar: values (passwords among them) are never shown in the UI or stored with a run.
             "replica": replica_resource(settings.env),
             "warehouse": warehouse_resource(settings.env),
+            **bi_resources,
         },
         # A run is already a process of its own (a launched run worker, an ECS task): steps in
         # subprocesses would each load this code location again, and the warehouse pool runs

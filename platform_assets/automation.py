@@ -113,6 +113,11 @@ def automation_for(
     )
 
 
+def dashboard_automation() -> dg.AutomationCondition:
+    """A dashboard is provisioned and warmed again once the data it reads changed."""
+    return _upstream_data_changed().with_label("dashboard: upstream data changed")
+
+
 def automation_sensors(
     asset_sets: Mapping[str, tuple[dg.AssetsDefinition, Mapping[str, str]]],
 ) -> list[dg.AutomationConditionSensorDefinition]:
@@ -129,7 +134,7 @@ def automation_sensors(
             run_tags=dict(run_tags),
             default_status=dg.DefaultSensorStatus.RUNNING,
             minimum_interval_seconds=30,
-            description=f"Declarative automation of the {name} dbt assets (platform_assets/automation.py).",
+            description=f"Declarative automation of the {name} assets (platform_assets/automation.py).",
         )
         for name, (assets_def, run_tags) in asset_sets.items()
     ]

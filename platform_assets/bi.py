@@ -26,14 +26,22 @@ def copy_path(duckdb_path: str) -> Path:
     return Path(duckdb_path).resolve().parent / "bi" / "warehouse_bi.duckdb"
 
 
+def bi_package():
+    """The repository's `bi` package (dashboards as code, Superset's API). It is not installed:
+    a process started elsewhere than the repository root (a README command in another folder,
+    a run worker) finds it beside platform_assets; the image copies it there too."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+    import bi.dashboards
+    import bi.superset_api
+
+    return bi
+
+
 def bi_definitions(settings: PlatformSettings) -> dg.Definitions:
     if settings.env != "local":
         return dg.Definitions()
-    # bi/ is not installed (nor in the image): a process started elsewhere than the repository
-    # root (a README command in another folder, a run worker) finds it beside platform_assets.
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.append(str(REPO_ROOT))
-    from bi import dashboards
+    dashboards = bi_package().dashboards
 
     relations = dashboards.relations()
 

@@ -5,27 +5,32 @@ dbt's node selection, never turned into specs), so the exposures become AssetSpe
 keyed `dashboards/<exposure name>`, downstream of the keys the dbt translator gives the
 nodes in their `depends_on`.
 
-The BI tool (Apache Superset, bi/) reads the reporting views and marts: Dagster does not build
-a dashboard, so a dashboard is an external asset. Its data is exactly as fresh as the
-stalest mart it reads, which is how it is tracked:
-- its FreshnessPolicy is the tightest of those marts' policies (dbt `meta.freshness`, read
-  through the views in between, which store nothing);
-- the `dashboard_refresh` sensor records a (runless) materialization of a dashboard each time
-  all of its marts have been rebuilt since the last one, with the time of the stalest
-  (`data_as_of`): a mart that stops refreshing makes its dashboards fail freshness too.
+The BI tool (Apache Superset, bi/) reads the reporting views and marts. A dashboard's data is
+exactly as fresh as the stalest mart it reads: its FreshnessPolicy is the tightest of those
+marts' policies (dbt `meta.freshness`, read through the views in between, which store nothing),
+and `data_as_of` on each materialization is the time of the stalest.
+
+With a BI server configured (SUPERSET_URL: `make bi` writes it locally) the dashboards are
+materializable: a run provisions the selected ones from their definition (bi/dashboards.py;
+idempotent), drops the cached results of their datasets and warms every chart, and automation
+requests it after an upstream refresh. Without one they are external assets, and the
+`dashboard_refresh` sensor records a (runless) materialization each time all of a dashboard's
+marts have been rebuilt since the last one.
 """
 
-from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
 
+from .bi import bi_package
 from .dbt_assets import PlatformTranslator, freshness_meta
 from .dbt_command import layer_of
+from .settings import ConfigurationError, PlatformSettings
 
 DASHBOARDS_GROUP = "dashboards"
 # The BI tool the exposures are built in (bi/dashboards.py; README, "Dashboards and the customer portal").
@@ -136,6 +141,89 @@ def dashboard_specs(dashboards: Iterable[Dashboard]) -> list[dg.AssetSpec]:
         )
         for d in dashboards
     ]
+
+
+# resource field -> environment variable of the BI server; PORTAL_ORIGINS (comma-separated)
+# may embed the customer dashboard
+SUPERSET_VARIABLES = {"url": "SUPERSET_URL", "username": "SUPERSET_SERVICE_USER",
+                      "password": "SUPERSET_SERVICE_PASSWORD", "database_uri": "SUPERSET_DATABASE_URI",
+                      "portal_origins": "PORTAL_ORIGINS"}
+
+
+class SupersetResource(dg.ConfigurableResource):
+    """The BI server, as the platform's service account: where the dashboards are provisioned."""
+
+    url: str
+    username: str
+    password: str
+    database_uri: str  # how Superset reads the warehouse (SQLAlchemy URI): locally the BI copy
+    portal_origins: str = ""
+
+    def client(self):
+        return bi_package().superset_api.SupersetClient(self.url, self.username, self.password)
+
+
+def superset_resource(settings: PlatformSettings) -> SupersetResource | None:
+    """None without SUPERSET_URL; with it, every other variable but PORTAL_ORIGINS is required."""
+    if not settings.optional("SUPERSET_URL"):
+        return None
+    for name in SUPERSET_VARIABLES.values():
+        if name != "PORTAL_ORIGINS":
+            settings.get(name)
+    return SupersetResource(**{field: dg.EnvVar(name) for field, name in SUPERSET_VARIABLES.items()
+                               if settings.optional(name)})
+
+
+def dashboard_assets(dashboards: list[Dashboard], automation: dg.AutomationCondition,
+                     upstream: Iterable[dg.AssetKey] = ()) -> dg.AssetsDefinition:
+    """The dashboards as one subsettable asset: provision, drop cached results, warm, record.
+    `upstream`: assets every dashboard also reads (locally the BI copy)."""
+    definitions = bi_package().dashboards.by_exposure()
+    if unknown := [d.name for d in dashboards if d.name not in definitions]:
+        raise ConfigurationError(f"dashboard exposures with no definition in bi/dashboards.py: {', '.join(unknown)}")
+    specs = [spec.replace_attributes(deps=[*spec.deps, *upstream], automation_condition=automation)
+             for spec in dashboard_specs(dashboards)]
+
+    @dg.multi_asset(name="dashboards", specs=specs, can_subset=True)
+    def _dashboards(context: dg.AssetExecutionContext, superset: SupersetResource) -> Iterator[dg.MaterializeResult]:
+        selected = [d for d in dashboards if d.key in context.selected_asset_keys]
+        client = superset.client()
+        origins = [o.strip() for o in superset.portal_origins.split(",") if o.strip()]
+        try:
+            provisioned = client.provision(superset.database_uri, origins,
+                                           tuple(definitions[d.name] for d in selected))
+            # a chart must not serve a result cached from the data before this refresh
+            client.invalidate(provisioned, f"refreshed by Dagster run {context.run.run_id}")
+        except Exception as exc:
+            raise superset_failure(superset, exc) from exc
+        for d in selected:
+            definition = definitions[d.name]
+            started = time.monotonic()
+            try:
+                rows = client.warm(provisioned, definition)
+            except Exception as exc:
+                raise superset_failure(superset, exc, d.name) from exc
+            built = {k: _latest_timestamp(context.instance, k) for k in d.marts}
+            known = [ts for ts in built.values() if ts is not None]
+            yield dg.MaterializeResult(asset_key=d.key, metadata={
+                "url": dg.MetadataValue.url(f"{superset.url.rstrip('/')}/superset/dashboard/"
+                                            f"{provisioned.dashboards[d.name]}/"),
+                "charts": len(definition.charts),
+                "rows_warmed": rows,
+                "warm_seconds": round(time.monotonic() - started, 2),
+                "embedded": definition.embedded,
+                **({DATA_AS_OF: dg.MetadataValue.timestamp(min(known))} if len(known) == len(built) else {}),
+            })
+
+    return _dashboards
+
+
+def superset_failure(superset: SupersetResource, exc: Exception, dashboard: str | None = None) -> dg.Failure:
+    """One readable line: which Superset (SUPERSET_URL), what failed; never a password."""
+    what = f"warming the charts of {dashboard}" if dashboard else "provisioning the dashboards"
+    hint = " Locally `make bi` starts it." if isinstance(exc, OSError) or "Connection" in type(exc).__name__ else ""
+    return dg.Failure(description=f"{what} failed at Superset {superset.url} (SUPERSET_URL): "
+                                  f"{type(exc).__name__}: {str(exc)[:500]}.{hint}")
 
 
 def _latest_timestamp(instance: dg.DagsterInstance, key: dg.AssetKey) -> float | None:

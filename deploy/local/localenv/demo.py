@@ -69,6 +69,8 @@ class Runner:
         self.source_keys = {t.key for t in platform.federated_tables}
         self.export_keys = set(platform.exports.asset.keys)
         self.all_keys = {k for k in self.graph.get_all_asset_keys() if self.graph.get(k).is_materializable}
+        # materializable when a BI server is configured (platform_assets/exposures.py)
+        self.dashboard_keys = {d.key for d in platform.dashboards} & self.all_keys
         self.materialized: set[dg.AssetKey] = set()
         self.failed_checks: list = []
         # what a user should look at: failed or warned checks, assets a run did not build
@@ -180,8 +182,12 @@ class Runner:
         return add, delete
 
     def record_dashboards(self) -> None:
-        """What the dashboard_refresh sensor does: dashboards whose marts were all rebuilt."""
+        """What the dashboard_refresh sensor does: dashboards whose marts were all rebuilt
+        (when they are external: materializable ones are run by automation or run_all)."""
         from platform_assets.exposures import dashboard_refreshes
+
+        if self.dashboard_keys:
+            return
 
         events = dashboard_refreshes(self.instance, self.platform.dashboards)
         for event in events:
@@ -203,8 +209,9 @@ def run_all(platform, instance: dg.DagsterInstance, progress=print, full_refresh
     refresh_tags = {FULL_REFRESH_TAG: "true"} if full_refresh else {}
     r = runner or Runner(platform, instance, progress)
     after_daily = (dg.AssetSelection.assets(*r.daily_keys).downstream().resolve(r.graph) & r.all_keys) - r.daily_keys
-    before_daily = r.all_keys - after_daily - r.daily_keys - r.source_keys - r.export_keys
-    after_daily -= r.export_keys
+    consumer_keys = r.export_keys | r.dashboard_keys
+    before_daily = r.all_keys - after_daily - r.daily_keys - r.source_keys - consumer_keys
+    after_daily -= consumer_keys
     r.observe()
     # Every partition from the first one (days without events are empty, and cost nothing:
     # the whole range is one statement), so no partition is left missing.
@@ -223,6 +230,8 @@ def run_all(platform, instance: dg.DagsterInstance, progress=print, full_refresh
     # The consumers: every company's export in one run, and the dashboards over the marts.
     r.sync_companies()
     r.exports(instance.get_dynamic_partitions(platform.exports.asset.partitions_def.name))
+    if r.dashboard_keys:
+        r.subset("dashboards: provision and warm", r.dashboard_keys)
     r.record_dashboards()
     return {"materialized": r.materialized, "expected": r.all_keys, "seconds": time.monotonic() - started}
 

@@ -85,11 +85,13 @@ class LocalEnvironment:
         }
 
     def write_env_file(self, values: dict[str, str]) -> None:
+        path = self.settings.env_file
+        # what other tools added (`make bi`: the Superset the dashboards assets use) stays
+        kept = {k: v for k, v in read_env_file(path).items() if k not in values}
         lines = [
             "# Written by `make up` (deploy/local). Shell-sourceable; contains local passwords.",
-            *(f"{key}={value}" for key, value in values.items()),
+            *(f"{key}={value}" for key, value in {**values, **kept}.items()),
         ]
-        path = self.settings.env_file
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
