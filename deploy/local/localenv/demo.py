@@ -118,7 +118,8 @@ class Runner:
         """What an automation evaluation requested (the unpartitioned models), in one run."""
         keys = requested - self.daily_keys - self.export_keys
         if keys:
-            self.subset(f"models automation requested ({len(keys)})", keys)
+            groups = ", ".join(sorted({k.path[0] for k in keys}))
+            self.subset(f"automation requested ({len(keys)}): {groups}", keys)
 
     def changed_days(self, start: date | None = None) -> list[tuple[str, str]]:
         """What the daily_facts_changes sensor requests: ranges of days (from `start`, when
