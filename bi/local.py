@@ -20,6 +20,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from platform_assets.settings import env_file_values
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUPERSET_VENV = Path(os.environ.get("SUPERSET_VENV", REPO_ROOT / ".venv-superset"))
 CONFIG_PATH = REPO_ROOT / "bi" / "superset" / "superset_config.py"
@@ -31,12 +33,7 @@ def load_or_create_secrets(folder: Path) -> dict[str, str]:
     """The installation's secrets, created once (0600) and read back afterwards."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "secrets.env"
-    values: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if "=" in line and not line.startswith("#"):
-                key, value = line.split("=", 1)
-                values[key] = value
+    values = env_file_values(path)
     missing = [n for n in SECRET_NAMES if not values.get(n)]
     if missing:
         values.update({n: secrets.token_urlsafe(48) for n in missing})

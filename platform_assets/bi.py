@@ -8,14 +8,13 @@ republishes it after each upstream refresh. On `pg` and `prod` Superset reads th
 itself (dbt's zero-downtime swap), so there is no copy there.
 """
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 
 import dagster as dg
 
 from .dbt_assets import WAREHOUSE_POOL
+from .resources import WarehouseResource
 from .settings import REPO_ROOT, PlatformSettings
 
 COPY_KEY = dg.AssetKey(["bi", "warehouse_copy"])
@@ -55,10 +54,10 @@ def bi_definitions(settings: PlatformSettings) -> dg.Definitions:
         description="A read-only copy of the relations the Superset dashboards read, published by "
         "rename after they refresh: Superset never opens the file dbt writes.",
     )
-    def warehouse_copy() -> dg.MaterializeResult:
+    def warehouse_copy(warehouse: WarehouseResource) -> dg.MaterializeResult:
         from bi.warehouse_copy import publish_copy
 
-        source = Path(settings.get("DUCKDB_PATH"))
+        source = Path(warehouse.duckdb_path)
         dest = copy_path(str(source))
         mtime = str(source.stat().st_mtime_ns)
         rows = publish_copy(source, dest, relations)
