@@ -104,7 +104,7 @@ ui: up dagster-home ## the Dagster UI (lineage, runs, backfills) on http://127.0
 test: $(STAMP) $(CKV_STAMP) $(BI_DEPS) ## the whole suite (starts its own primary + replica on free ports)
 	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
-churn: $(STAMP) ## the churn property test, CHURN_EXAMPLES (100) per engine (make test runs 6)
+churn: $(STAMP) ## the churn property test, CHURN_EXAMPLES (100) per engine (make test runs 8)
 	@CHURN_EXAMPLES=$${CHURN_EXAMPLES:-100} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests/platform/test_churn_duckdb.py tests/platform/test_churn_postgres.py
 
 bench: $(STAMP) ## EVENTS (8000000) events: Dagster vs plain dbt vs raw SQL vs PostgreSQL (docs/benchmarks.md)

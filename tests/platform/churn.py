@@ -12,7 +12,7 @@ second warehouse: EXCEPT ALL both ways (as multisets in Python, since the two Po
 warehouses are two databases), bookkeeping columns excluded by name.
 
 Each engine has its own copy of the source schema on the primary (REPLICA_SCHEMA), so the
-churn never reaches other tests. `make test` runs CHURN_EXAMPLES=6 examples per engine,
+churn never reaches other tests. `make test` runs CHURN_EXAMPLES=8 examples per engine,
 derandomized; `make churn` runs 100. One test file per engine, so that pytest-xdist can run
 the two engines side by side.
 """
@@ -39,7 +39,7 @@ from psycopg import sql
 from ..conftest import TEST_DAYS
 from .conftest import REPO_ROOT, platform_under_test
 
-EXAMPLES = int(os.environ.get("CHURN_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("CHURN_EXAMPLES", "8"))
 BOOKKEEPING = {"loaded_by"}
 TABLES = ["companies", "users", "teams", "team_memberships", "courses", "lessons", "enrollments",
           "lesson_events", "quiz_attempts", "certificates", "subscriptions"]

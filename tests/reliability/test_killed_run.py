@@ -207,7 +207,10 @@ def documented_bound(monitoring: dict) -> float:
 @pytest.fixture(scope="module")
 def live(pg_env, tmp_path_factory):
     folder = tmp_path_factory.mktemp("live-dagster")
-    with live_dagster(pg_env, folder, instance_config(**MONITORING)) as live:
+    # dagster-dbt waits DAGSTER_DBT_TERMINATION_TIMEOUT_SECONDS (25) for dbt to answer SIGINT; a
+    # dbt blocked on a lock never does, and what follows (stop_dbt) is what these tests check.
+    with live_dagster(pg_env, folder, instance_config(**MONITORING),
+                      overrides={"DAGSTER_DBT_TERMINATION_TIMEOUT_SECONDS": "5"}) as live:
         first = live.cli("asset", "materialize", "-m", "platform_assets.definitions", "--select", ",".join(SELECTION))
         out, _ = first.communicate(timeout=600)
         assert first.returncode == 0, out[-4000:]
