@@ -107,8 +107,8 @@ test: $(STAMP) $(CKV_STAMP) $(BI_DEPS) ## the whole suite (starts its own primar
 churn: $(STAMP) ## the churn property test, CHURN_EXAMPLES (100) per engine (make test runs 8)
 	@CHURN_EXAMPLES=$${CHURN_EXAMPLES:-100} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests/platform/test_churn_duckdb.py tests/platform/test_churn_postgres.py
 
-bench: $(STAMP) ## EVENTS (8000000) events: Dagster vs plain dbt vs raw SQL vs PostgreSQL (docs/benchmarks.md)
-	@$(PY) -m bench
+bench: $(STAMP) $(BI_DEPS) ## EVENTS (8000000) events: Dagster vs dbt vs SQL vs PostgreSQL; then make demo and bench-bi
+	@$(PY) -m bench && $(MAKE) --no-print-directory demo && $(PY) -m bench.bi_load
 
 bench-bi: $(STAMP) ## 20 companies load the embedded dashboard at once (needs make bi): p50/p95, errors
 	@$(PY) -m bench.bi_load
