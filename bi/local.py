@@ -98,25 +98,24 @@ class SupersetServer:
             "SUPERSET_HOME": str(self.home),
         }
 
-    def _superset(self, *args: str, secret: str | None = None) -> None:
-        cmd = [str(SUPERSET_VENV / "bin" / "superset"), *args]
+    def _run(self, *cmd: str, env: dict[str, str] | None = None) -> None:
         with self.log.open("ab") as out:
-            proc = subprocess.run(cmd, env=self.environ(), stdout=out, stderr=subprocess.STDOUT, timeout=600)
+            proc = subprocess.run(cmd, env=env or self.environ(), stdout=out, stderr=subprocess.STDOUT, timeout=600)
         if proc.returncode:
-            shown = " ".join(a if a != secret else "*****" for a in args)
-            raise RuntimeError(f"superset {shown} failed ({proc.returncode}); see {self.log}")
+            raise RuntimeError(f"{' '.join(Path(c).name for c in cmd[:3])} failed ({proc.returncode}); see {self.log}")
 
     def initialise(self) -> None:
         """Metadata schema, roles and the service account; once per home."""
         stamp = self.home / "initialised"
         if stamp.exists():
             return
-        password = load_or_create_secrets(self.home)["SUPERSET_SERVICE_PASSWORD"]
-        self._superset("db", "upgrade")
-        self._superset("fab", "create-admin", "--username", SERVICE_USER, "--firstname", "Platform",
-                       "--lastname", "Service", "--email", "platform-service@localhost",
-                       "--password", password, secret=password)
-        self._superset("init")
+        superset = str(SUPERSET_VENV / "bin" / "superset")
+        self._run(superset, "db", "upgrade")
+        self._run(superset, "init")
+        # the password through the environment, never the command line (bi/superset/service_account.py)
+        self._run(str(SUPERSET_VENV / "bin" / "python"), str(CONFIG_PATH.parent / "service_account.py"),
+                  env={**self.environ(), "SUPERSET_SERVICE_USER": SERVICE_USER,
+                       "SUPERSET_SERVICE_PASSWORD": load_or_create_secrets(self.home)["SUPERSET_SERVICE_PASSWORD"]})
         stamp.touch()
 
     def running_pid(self) -> int | None:
