@@ -88,7 +88,7 @@ class SupersetServer:
     def environ(self) -> dict[str, str]:
         s = load_or_create_secrets(self.home)
         return {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))},
+            **inherited("SUPERSET_"),
             "SUPERSET_CONFIG_PATH": str(CONFIG_PATH),
             "SUPERSET_SECRET_KEY": s["SUPERSET_SECRET_KEY"],
             "SUPERSET_GUEST_TOKEN_JWT_SECRET": s["SUPERSET_GUEST_TOKEN_JWT_SECRET"],
@@ -135,6 +135,15 @@ class SupersetServer:
 
     def stop(self) -> None:
         stop_server(self.pidfile)
+
+
+# what a server inherits from the shell: not the rest (cloud credentials, tokens, a venv's paths)
+INHERITED = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PLATFORM_ENV", "LOCAL_DIR",
+             "PLATFORM_ENV_FILE")
+
+
+def inherited(*prefixes: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in INHERITED or k.startswith(prefixes)}
 
 
 def running_pid(pidfile: Path) -> int | None:
@@ -217,7 +226,8 @@ class PortalServer:
 
     def environ(self) -> dict[str, str]:
         s = load_or_create_secrets(self.superset.home)
-        return {**os.environ, "PORTAL_HOME": str(self.home), "PORTAL_HOST": "127.0.0.1", "PORTAL_PORT": str(self.port),
+        return {**inherited("PORTAL_", "SUPERSET_"),
+                "PORTAL_HOME": str(self.home), "PORTAL_HOST": "127.0.0.1", "PORTAL_PORT": str(self.port),
                 "EXPORT_URI": str(self.export_root), "SUPERSET_URL": self.superset.url,
                 "SUPERSET_SERVICE_USER": SERVICE_USER, "SUPERSET_SERVICE_PASSWORD": s["SUPERSET_SERVICE_PASSWORD"],
                 "SUPERSET_PROVISIONED": str(self.superset.home / "provisioned.json")}

@@ -25,7 +25,7 @@ GUEST_PERMISSIONS = {
     ("can_read", "Dashboard"), ("can_read", "Chart"), ("can_read", "EmbeddedDashboard"),
     ("can_read", "DashboardFilterStateRestApi"), ("can_write", "DashboardFilterStateRestApi"),
     ("can_read", "DashboardPermalinkRestApi"), ("can_time_range", "Api"), ("can_read", "Theme"),
-    ("can_dashboard", "Superset"), ("can_log", "Superset"), ("can_explore_json", "Superset"),
+    ("can_dashboard", "Superset"), ("can_log", "Superset"),
     ("can_read", "CssTemplate"), ("can_read", "CurrentUserRestApi"), ("can_read", "AvailableDomains"),
     ("can_get_embedded", "Dashboard"), ("can_get", "MenuApi"), ("can_list", "AsyncEventsRestApi"),
 }
