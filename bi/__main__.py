@@ -1,4 +1,4 @@
-"""`python -m bi accounts|serve|up|down|status|publish`: the customer portal and Superset, locally.
+"""`python -m bi accounts|serve|start|up|down|status|publish`: the customer portal and Superset, locally.
 
 `accounts` makes one account per company with an export (their new passwords go to
 `<LOCAL_DIR>/portal/accounts.txt`); `serve` serves the portal in the foreground on
@@ -33,6 +33,9 @@ from platform_assets.settings import REPO_ROOT, ConfigurationError, load_setting
 
 from .portal import PortalConfig, PortalError, create_app, exported_companies, read_json, write_accounts, write_private
 
+# what `up` writes into .local/platform.env for Dagster's dashboards assets, and `down` removes
+SUPERSET_KEYS = ("SUPERSET_URL", "SUPERSET_SERVICE_USER", "SUPERSET_SERVICE_PASSWORD", "SUPERSET_DATABASE_URI",
+                 "PORTAL_ORIGINS")
 COMMANDS = ("accounts", "serve", "start", "up", "down", "status", "publish")
 
 
@@ -118,7 +121,7 @@ def remember_superset(env: dict[str, str], superset, copy: Path) -> None:
     current = env_file_values(path)
     for key, value in wanted.items():
         if current.get(key) != value:
-            set_key(path, key, value, quote_mode="never")
+            set_key(path, key, value)
 
 
 def up(env: dict[str, str], announce: bool = True) -> int:
@@ -171,9 +174,17 @@ def up(env: dict[str, str], announce: bool = True) -> int:
 
 
 def down(env: dict[str, str]) -> int:
+    from dotenv import unset_key
+
+    from platform_assets.settings import env_file_path, env_file_values
+
     superset, portal = _servers(env)
     portal.stop()
     superset.stop()
+    # Dagster's dashboards assets stop reaching for it: external again until the next `make bi`
+    path = env_file_path(env)
+    for key in set(SUPERSET_KEYS) & set(env_file_values(path)):
+        unset_key(path, key)
     print("  Superset and the portal stopped")
     return 0
 

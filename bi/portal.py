@@ -39,11 +39,13 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 import time
 import uuid as uuids
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs
 
 import anyio
@@ -66,6 +68,7 @@ from .superset_api import SupersetClient, SupersetError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SDK_BUNDLE = REPO_ROOT / "bi" / "embed" / "node_modules" / "@superset-ui" / "embedded-sdk" / "bundle" / "index.js"
 EMBEDDED_EXPOSURE = "customer_training_dashboard"
+LOOKUP_SECONDS = 30  # how long the portal trusts Superset's answer about the embedded dashboard
 
 EXPORT_FILES = {f"{REPORT_NAME}.parquet": "application/vnd.apache.parquet",
                 f"{REPORT_NAME}.csv": "text/csv; charset=utf-8"}
@@ -340,22 +343,25 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
                 return None
         return current
 
-    embedded_found: dict[str, str] = {}
+    looked_up: dict[str, Any] = {"uuid": None, "at": -LOOKUP_SECONDS}
+    lookup_lock = threading.Lock()
 
     def embedded_uuid() -> str | None:
         """The embedded dashboard's uuid, once provisioned (`python -m bi up` or the Dagster
-        dashboards asset): from provisioned.json, else asked of Superset once."""
+        dashboards asset): from provisioned.json, else asked of Superset at most once per
+        LOOKUP_SECONDS (one request at a time, so a Superset that is down costs one timeout)."""
         found = read_json(embed.provisioned, {}).get("embedded", {})
         value = found.get(EMBEDDED_EXPOSURE) if isinstance(found, dict) else None
-        if value is None and "uuid" not in embedded_found:
-            try:
-                looked_up = superset.embedded_uuid(by_exposure()[EMBEDDED_EXPOSURE].uuid)
-            except (SupersetError, requests.RequestException) as exc:
-                log.warning(f"embedded dashboard not found in Superset: {exc}")
-                looked_up = None
-            if looked_up is not None:
-                embedded_found["uuid"] = looked_up
-        value = value or embedded_found.get("uuid")
+        if value is None:
+            with lookup_lock:
+                if time.monotonic() - looked_up["at"] >= LOOKUP_SECONDS:
+                    looked_up["at"] = time.monotonic()
+                    try:
+                        looked_up["uuid"] = superset.embedded_uuid(by_exposure()[EMBEDDED_EXPOSURE].uuid)
+                    except (SupersetError, requests.RequestException) as exc:
+                        log.warning(f"embedded dashboard not found in Superset: {exc}")
+                        looked_up["uuid"] = None
+                value = looked_up["uuid"]
         try:  # it goes into the page's script: a uuid and nothing else
             return str(uuids.UUID(value)) if isinstance(value, str) else None
         except ValueError:

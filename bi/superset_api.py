@@ -77,6 +77,10 @@ class SupersetClient:
                   dashboards: tuple[Dashboard, ...] = DASHBOARDS) -> Provisioned:
         """Import every dashboard (overwrite: idempotent), enable embedding of the customer
         dashboards only (and disable it on the others), and the guest role."""
+        if not portal_origins and any(d.embedded for d in dashboards):
+            # Superset lets any site frame a dashboard whose allowed_domains is empty
+            raise SupersetError("no portal origin given (PORTAL_ORIGINS): the customer dashboard would be "
+                                "embeddable from any site")
         bundle = import_bundle(sqlalchemy_uri, dashboards)
         self.call("POST", "/api/v1/dashboard/import/",
                   files={"formData": ("dashboards.zip", bundle, "application/zip")},

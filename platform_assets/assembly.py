@@ -81,10 +81,15 @@ def build_platform(settings: PlatformSettings) -> Platform:
         dashboard_defs, dashboard_sensors, bi_resources = dashboard_specs(dashboards), [
             dashboard_refresh_sensor(dashboards)], {}
     else:
-        dashboard_def = dashboard_assets(dashboards, dashboard_automation(),
-                                         upstream=[COPY_KEY] if settings.env == "local" else [])
+        copy = [COPY_KEY] if settings.env == "local" else []
+        dashboard_def = dashboard_assets(dashboards, dashboard_automation(), upstream=copy)
         dashboard_defs, bi_resources = [dashboard_def], {"superset": superset}
-        dashboard_sensors = automation_sensors({"dashboards": (dashboard_def, {})})
+        # One sensor for the copy and the dashboards: requested in one tick, they run in one
+        # run, the dashboards after the copy they read (never warming the previous copy).
+        dashboard_sensors = [dg.AutomationConditionSensorDefinition(
+            "platform_automation_dashboards", target=dg.AssetSelection.assets(dashboard_def, *copy),
+            default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30,
+            description="Declarative automation of the dashboards (and locally the BI copy they read).")]
 
     observe_job = dg.define_asset_job(
         "observe_federated_sources",
@@ -138,7 +143,7 @@ def build_platform(settings: PlatformSettings) -> Platform:
     )
 
     # Locally, the BI copy of the warehouse that Superset reads (platform_assets/bi.py).
-    defs = dg.Definitions.merge(defs, bi_definitions(settings))
+    defs = dg.Definitions.merge(defs, bi_definitions(settings, own_sensor=superset is None))
 
     return Platform(
         defs=defs, settings=settings, project=dbt_project, manifest=manifest, federated_tables=federated_tables,

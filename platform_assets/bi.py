@@ -37,7 +37,9 @@ def bi_package():
     return bi
 
 
-def bi_definitions(settings: PlatformSettings) -> dg.Definitions:
+def bi_definitions(settings: PlatformSettings, own_sensor: bool = True) -> dg.Definitions:
+    """The copy asset (local only); `own_sensor` False when the dashboards' automation sensor
+    evaluates it too (so the dashboards refresh in the copy's run, after it)."""
     if settings.env != "local":
         return dg.Definitions()
     dashboards = bi_package().dashboards
@@ -72,4 +74,4 @@ def bi_definitions(settings: PlatformSettings) -> dg.Definitions:
         "bi_copy_automation", target=[COPY_KEY], default_status=dg.DefaultSensorStatus.RUNNING,
         description="Republishes the BI copy after the reporting models it holds refresh.",
     )
-    return dg.Definitions(assets=[warehouse_copy], sensors=[sensor])
+    return dg.Definitions(assets=[warehouse_copy], sensors=[sensor] if own_sensor else [])

@@ -19,6 +19,7 @@ marts have been rebuilt since the last one.
 """
 
 
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -143,8 +144,8 @@ def dashboard_specs(dashboards: Iterable[Dashboard]) -> list[dg.AssetSpec]:
     ]
 
 
-# resource field -> environment variable of the BI server; PORTAL_ORIGINS (comma-separated)
-# may embed the customer dashboard
+# resource field -> environment variable of the BI server (all required once SUPERSET_URL is
+# set); PORTAL_ORIGINS: the origins that may embed the customer dashboard (commas or spaces)
 SUPERSET_VARIABLES = {"url": "SUPERSET_URL", "username": "SUPERSET_SERVICE_USER",
                       "password": "SUPERSET_SERVICE_PASSWORD", "database_uri": "SUPERSET_DATABASE_URI",
                       "portal_origins": "PORTAL_ORIGINS"}
@@ -157,21 +158,31 @@ class SupersetResource(dg.ConfigurableResource):
     username: str
     password: str
     database_uri: str  # how Superset reads the warehouse (SQLAlchemy URI): locally the BI copy
-    portal_origins: str = ""
+    portal_origins: str
+    public_url: str | None = None  # what a browser opens (SUPERSET_PUBLIC_URL), when not `url`
 
     def client(self):
         return bi_package().superset_api.SupersetClient(self.url, self.username, self.password)
 
+    def origins(self) -> list[str]:
+        return re.split(r"[,\s]+", self.portal_origins.strip()) if self.portal_origins.strip() else []
+
 
 def superset_resource(settings: PlatformSettings) -> SupersetResource | None:
-    """None without SUPERSET_URL; with it, every other variable but PORTAL_ORIGINS is required."""
+    """None without SUPERSET_URL. With it every variable is required (an empty PORTAL_ORIGINS
+    would let any site embed the customer dashboard). The local BI copy (a `duckdb:` URI, what
+    `make bi` writes into `.local/platform.env`) serves the local target only: on `pg`, which
+    shares that file, the dashboards stay external."""
     if not settings.optional("SUPERSET_URL"):
         return None
-    for name in SUPERSET_VARIABLES.values():
-        if name != "PORTAL_ORIGINS":
-            settings.get(name)
-    return SupersetResource(**{field: dg.EnvVar(name) for field, name in SUPERSET_VARIABLES.items()
-                               if settings.optional(name)})
+    missing = [name for name in SUPERSET_VARIABLES.values() if not settings.optional(name)]
+    if missing:
+        raise ConfigurationError(f"SUPERSET_URL is set, so the dashboards also need {', '.join(missing)} "
+                                 "(locally `make bi` writes them into .local/platform.env)")
+    if settings.env != "local" and settings.get("SUPERSET_DATABASE_URI").startswith("duckdb:"):
+        return None
+    public = {"public_url": dg.EnvVar("SUPERSET_PUBLIC_URL")} if settings.optional("SUPERSET_PUBLIC_URL") else {}
+    return SupersetResource(**{field: dg.EnvVar(name) for field, name in SUPERSET_VARIABLES.items()}, **public)
 
 
 def dashboard_assets(dashboards: list[Dashboard], automation: dg.AutomationCondition,
@@ -188,7 +199,7 @@ def dashboard_assets(dashboards: list[Dashboard], automation: dg.AutomationCondi
     def _dashboards(context: dg.AssetExecutionContext, superset: SupersetResource) -> Iterator[dg.MaterializeResult]:
         selected = [d for d in dashboards if d.key in context.selected_asset_keys]
         client = superset.client()
-        origins = [o.strip() for o in superset.portal_origins.split(",") if o.strip()]
+        origins = superset.origins()
         try:
             provisioned = client.provision(superset.database_uri, origins,
                                            tuple(definitions[d.name] for d in selected))
@@ -206,13 +217,13 @@ def dashboard_assets(dashboards: list[Dashboard], automation: dg.AutomationCondi
             built = {k: _latest_timestamp(context.instance, k) for k in d.marts}
             known = [ts for ts in built.values() if ts is not None]
             yield dg.MaterializeResult(asset_key=d.key, metadata={
-                "url": dg.MetadataValue.url(f"{superset.url.rstrip('/')}/superset/dashboard/"
-                                            f"{provisioned.dashboards[d.name]}/"),
+                "url": dg.MetadataValue.url(f"{(superset.public_url or superset.url).rstrip('/')}"
+                                            f"/superset/dashboard/{provisioned.dashboards[d.name]}/"),
                 "charts": len(definition.charts),
                 "rows_warmed": rows,
                 "warm_seconds": round(time.monotonic() - started, 2),
                 "embedded": definition.embedded,
-                **({DATA_AS_OF: dg.MetadataValue.timestamp(min(known))} if len(known) == len(built) else {}),
+                **({DATA_AS_OF: dg.MetadataValue.timestamp(min(known))} if built and len(known) == len(built) else {}),
             })
 
     return _dashboards

@@ -6,6 +6,7 @@ first `make up` into .local/bi/secrets.env (mode 0600) and never written anywher
 """
 
 import os
+import re
 
 SECRET_KEY = os.environ["SUPERSET_SECRET_KEY"]
 GUEST_TOKEN_JWT_SECRET = os.environ["SUPERSET_GUEST_TOKEN_JWT_SECRET"]
@@ -38,7 +39,7 @@ RATELIMIT_ENABLED = os.environ.get("SUPERSET_RATELIMIT", "true") == "true"
 
 # The portal (another origin) frames the embedded dashboard: Superset's default
 # X-Frame-Options SAMEORIGIN would refuse it, so the CSP names the portal instead.
-_PORTAL_ORIGINS = os.environ.get("PORTAL_ORIGINS", "").split()
+_PORTAL_ORIGINS = [o for o in re.split(r"[,\s]+", os.environ.get("PORTAL_ORIGINS", "")) if o]
 TALISMAN_ENABLED = True
 TALISMAN_CONFIG = {
     "content_security_policy": {

@@ -52,7 +52,10 @@ def test_a_dashboard_is_provisioned_and_warmed_after_the_marts_it_reads_refresh(
             node = graph.get(key)
             assert node.is_materializable and node.automation_condition is not None, key
             assert COPY_KEY in node.parent_keys, key  # locally they read the BI copy
-        assert put.defs.resolve_sensor_def("platform_automation_dashboards") is not None
+        # one sensor for the copy and the dashboards: one run, the copy first
+        sensor = put.defs.resolve_sensor_def("platform_automation_dashboards")
+        assert sensor.asset_selection.resolve(graph) == keys | {COPY_KEY}
+        assert "bi_copy_automation" not in {s.name for s in put.defs.sensors}
 
         # automation's first evaluation requests nothing (make demo's first run builds all);
         # then a refresh of the marts, the views and the copy (built outside this instance)
@@ -112,3 +115,13 @@ def test_a_half_configured_superset_is_an_error_naming_what_is_missing():
     assert superset_resource(PlatformSettings(env="local", values={})) is None
     with pytest.raises(ConfigurationError, match="SUPERSET_SERVICE_USER"):
         superset_resource(PlatformSettings(env="local", values={"SUPERSET_URL": "http://127.0.0.1:1"}))
+    full = {"SUPERSET_URL": "http://127.0.0.1:1", "SUPERSET_SERVICE_USER": "u", "SUPERSET_SERVICE_PASSWORD": "p",
+            "SUPERSET_DATABASE_URI": "duckdb:////tmp/copy.duckdb", "PORTAL_ORIGINS": "http://a:1 http://b:2"}
+    # without origins Superset would let any site frame the customer dashboard
+    with pytest.raises(ConfigurationError, match="PORTAL_ORIGINS"):
+        superset_resource(PlatformSettings(env="local", values={**full, "PORTAL_ORIGINS": ""}))
+    assert superset_resource(PlatformSettings(env="local", values=full)) is not None
+    # the local BI copy does not serve the pg target, which reads the same platform.env
+    assert superset_resource(PlatformSettings(env="pg", values=full)) is None
+    pg = superset_resource(PlatformSettings(env="pg", values={**full, "SUPERSET_DATABASE_URI": "postgresql://h/wh"}))
+    assert pg is not None

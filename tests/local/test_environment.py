@@ -197,3 +197,30 @@ def test_down_then_up_keeps_data(pg_env):
     result = pg_env.local.up(progress=lambda _m: None)
     assert result["loaded"] is None
     assert pg_env.checksums() == before
+
+
+def test_make_up_keeps_what_make_bi_added_and_bi_down_removes_it(tmp_path, monkeypatch):
+    from dotenv import set_key
+    from localenv.environment import LocalEnvironment
+
+    from bi.__main__ import SUPERSET_KEYS, down
+    from platform_assets.settings import env_file_values
+
+    monkeypatch.setenv("LOCAL_DIR", str(tmp_path))
+    env_file = tmp_path / "platform.env"
+    environment = LocalEnvironment(LocalSettings.from_env())
+    environment.write_env_file({"REPLICA_PORT": "6001"})
+    added = {"SUPERSET_URL": "http://127.0.0.1:8088", "SUPERSET_DATABASE_URI": f"duckdb:///{tmp_path}/a b#c.duckdb",
+             "PORTAL_ORIGINS": "http://127.0.0.1:8090,http://localhost:8090"}
+    for key, value in added.items():
+        set_key(env_file, key, value)
+    environment.write_env_file({"REPLICA_PORT": "6002"})  # make up again: its values win, the rest stays
+    assert env_file_values(env_file) == {"REPLICA_PORT": "6002", **added}
+    sourced = subprocess.run(["bash", "-c", f'set -a; . "{env_file}"; echo "$SUPERSET_DATABASE_URI"'],
+                             capture_output=True, text=True, check=True)
+    assert sourced.stdout.strip() == added["SUPERSET_DATABASE_URI"]  # still shell-sourceable
+    assert oct(env_file.stat().st_mode & 0o777) == "0o600"
+
+    down({"LOCAL_DIR": str(tmp_path), "PORTAL_HOME": str(tmp_path / "portal"), "EXPORT_URI": str(tmp_path)})
+    assert set(env_file_values(env_file)) & set(SUPERSET_KEYS) == set()
+    assert env_file_values(env_file)["REPLICA_PORT"] == "6002"

@@ -11,7 +11,8 @@ First run order: observe the federated sources; build every model that does not 
 facts (staging views, dimensions, snapshots...); build the daily facts over the whole data
 range as one run (one dbt invocation); build what reads the facts; then the consumers: the
 `companies` partitions are synced with the warehouse (what the company_partitions sensor does)
-and every company is exported in one run; the dashboards are recorded as refreshed (what the
+and every company is exported in one run; the dashboards are provisioned and warmed in Superset
+(one run of the `dashboards` asset) when it is configured, else recorded as refreshed (what the
 dashboard_refresh sensor does).
 """
 

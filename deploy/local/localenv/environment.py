@@ -7,6 +7,7 @@ that re-writes nothing but the env file (with the same values).
 from __future__ import annotations
 
 import secrets
+import shlex
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -90,7 +91,8 @@ class LocalEnvironment:
         kept = {k: v for k, v in read_env_file(path).items() if k not in values}
         lines = [
             "# Written by `make up` (deploy/local). Shell-sourceable; contains local passwords.",
-            *(f"{key}={value}" for key, value in {**values, **kept}.items()),
+            *(f"{key}={value}" for key, value in values.items()),
+            *(f"{key}={shlex.quote(value)}" for key, value in kept.items()),
         ]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
