@@ -91,7 +91,7 @@ def publish_if_changed(env: dict[str, str]) -> str:
 
     source = _warehouse(env)
     if not source.exists():
-        return f"no warehouse at {source} yet (make demo builds it): the dashboards will be empty"
+        return f"no warehouse at {source} yet: Dagster's runs build it, then the BI copy (make demo)"
     copy = copy_path(str(source))
     stamp = copy.with_suffix(".source-mtime")
     mtime = str(source.stat().st_mtime_ns)
