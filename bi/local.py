@@ -63,15 +63,12 @@ def wait_http(url: str, proc: subprocess.Popen | None, log: Path | None, timeout
     raise RuntimeError(f"{url} did not answer 200 within {timeout:.0f}s")
 
 
-@dataclass
-class SupersetServer:
-    """One Superset installation: metadata, secrets and logs in `home`, served on `port`."""
+class LocalServer:
+    """A server in the background on 127.0.0.1:`port`, its log and pid file in `home`."""
 
+    name: str  # the log's and the pid file's name
     home: Path
     port: int
-    portal_origins: tuple[str, ...] = ()
-    workers: int = 1
-    threads: int = 16
 
     @property
     def url(self) -> str:
@@ -79,11 +76,29 @@ class SupersetServer:
 
     @property
     def log(self) -> Path:
-        return self.home / "superset.log"
+        return self.home / f"{self.name}.log"
 
     @property
     def pidfile(self) -> Path:
-        return self.home / "superset.pid"
+        return self.home / f"{self.name}.pid"
+
+    def running_pid(self) -> int | None:
+        return running_pid(self.pidfile)
+
+    def stop(self) -> None:
+        stop_server(self.pidfile)
+
+
+@dataclass
+class SupersetServer(LocalServer):
+    """One Superset installation: metadata, secrets and logs in `home`, served on `port`."""
+
+    home: Path
+    port: int
+    portal_origins: tuple[str, ...] = ()
+    workers: int = 1
+    threads: int = 16
+    name = "superset"
 
     def environ(self) -> dict[str, str]:
         s = load_or_create_secrets(self.home)
@@ -118,9 +133,6 @@ class SupersetServer:
                        "SUPERSET_SERVICE_PASSWORD": load_or_create_secrets(self.home)["SUPERSET_SERVICE_PASSWORD"]})
         stamp.touch()
 
-    def running_pid(self) -> int | None:
-        return running_pid(self.pidfile)
-
     def start(self, timeout: float = 120) -> subprocess.Popen | None:
         """gunicorn serving Superset, in its own session; returns once /health answers."""
         if self.running_pid():
@@ -132,10 +144,6 @@ class SupersetServer:
                "--timeout", "120", "--keep-alive", "30", "--limit-request-line", "0", "--limit-request-field_size", "0",
                "superset.app:create_app()"]
         return spawn(cmd, self.environ(), self.home, self.log, self.pidfile, f"{self.url}/health", timeout)
-
-    def stop(self) -> None:
-        stop_server(self.pidfile)
-
 
 # what a server inherits from the shell: not the rest (cloud credentials, tokens, a venv's paths)
 INHERITED = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PLATFORM_ENV", "LOCAL_DIR",
@@ -203,7 +211,7 @@ def stop_pid(pid: int, timeout: float = 30) -> None:
 
 
 @dataclass
-class PortalServer:
+class PortalServer(LocalServer):
     """The customer portal (`python -m bi serve`, bi/portal.py) from the platform's venv,
     embedding `superset`'s dashboard; its session key is the one PORTAL_HOME keeps."""
 
@@ -211,18 +219,7 @@ class PortalServer:
     port: int
     superset: SupersetServer
     export_root: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log(self) -> Path:
-        return self.home / "portal.log"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.home / "portal.pid"
+    name = "portal"
 
     def environ(self) -> dict[str, str]:
         s = load_or_create_secrets(self.superset.home)
@@ -232,18 +229,12 @@ class PortalServer:
                 "SUPERSET_SERVICE_USER": SERVICE_USER, "SUPERSET_SERVICE_PASSWORD": s["SUPERSET_SERVICE_PASSWORD"],
                 "SUPERSET_PROVISIONED": str(self.superset.home / "provisioned.json")}
 
-    def running_pid(self) -> int | None:
-        return running_pid(self.pidfile)
-
     def start(self, timeout: float = 60) -> subprocess.Popen | None:
         if self.running_pid():
             return None
         self.home.mkdir(parents=True, exist_ok=True)
         return spawn([sys.executable, "-m", "bi", "serve"], self.environ(), REPO_ROOT, self.log, self.pidfile,
                      f"{self.url}/health", timeout)
-
-    def stop(self) -> None:
-        stop_server(self.pidfile)
 
 
 def provision(superset: SupersetServer, copy_path: Path, portal_origins: list[str]):

@@ -214,8 +214,7 @@ def dashboard_assets(dashboards: list[Dashboard], automation: dg.AutomationCondi
                 rows = client.warm(provisioned, definition)
             except Exception as exc:
                 raise superset_failure(superset, exc, d.name) from exc
-            built = {k: _latest_timestamp(context.instance, k) for k in d.marts}
-            known = [ts for ts in built.values() if ts is not None]
+            built = inputs_built(context.instance, d)
             yield dg.MaterializeResult(asset_key=d.key, metadata={
                 "url": dg.MetadataValue.url(f"{(superset.public_url or superset.url).rstrip('/')}"
                                             f"/superset/dashboard/{provisioned.dashboards[d.name]}/"),
@@ -223,7 +222,7 @@ def dashboard_assets(dashboards: list[Dashboard], automation: dg.AutomationCondi
                 "rows_warmed": rows,
                 "warm_seconds": round(time.monotonic() - started, 2),
                 "embedded": definition.embedded,
-                **({DATA_AS_OF: dg.MetadataValue.timestamp(min(known))} if built and len(known) == len(built) else {}),
+                **({DATA_AS_OF: dg.MetadataValue.timestamp(min(built.values()))} if built else {}),
             })
 
     return _dashboards
@@ -237,6 +236,13 @@ def superset_failure(superset: SupersetResource, exc: Exception, dashboard: str 
                                   f"{type(exc).__name__}: {str(exc)[:500]}.{hint}")
 
 
+def inputs_built(instance: dg.DagsterInstance, d: Dashboard) -> dict[dg.AssetKey, float] | None:
+    """When each stored model a dashboard reads was last built; None while one never was
+    (data_as_of is the stalest of these)."""
+    built = {k: _latest_timestamp(instance, k) for k in d.marts}
+    return built if built and None not in built.values() else None
+
+
 def _latest_timestamp(instance: dg.DagsterInstance, key: dg.AssetKey) -> float | None:
     event = instance.get_latest_materialization_event(key)
     return event.timestamp if event else None
@@ -246,8 +252,8 @@ def dashboard_refreshes(instance: dg.DagsterInstance, dashboards: Iterable[Dashb
     """A materialization for each dashboard whose marts have all been rebuilt since its last one."""
     events = []
     for d in dashboards:
-        built = {k: _latest_timestamp(instance, k) for k in d.marts}
-        if not built or any(ts is None for ts in built.values()):
+        built = inputs_built(instance, d)
+        if built is None:
             continue  # a mart it reads was never built: nothing to show yet
         as_of = min(built.values())
         last = instance.get_latest_materialization_event(d.key)
