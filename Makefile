@@ -63,7 +63,7 @@ $(EMBED_STAMP): bi/embed/package-lock.json
 venv: $(STAMP) $(CKV_STAMP) $(BI_DEPS) ## create .venv (and .venv-checkov, .venv-superset) and install the pinned project
 
 up: $(STAMP) $(BI_DEPS) ## start primary + streaming replica under .local/, load demo data if empty
-	@$(PY) -m localenv up
+	@$(PY) -m localenv up && $(PY) -m bi secrets
 
 down: $(STAMP) ## stop both servers, keep the data
 	@$(PY) -m localenv down
@@ -85,7 +85,7 @@ dagster-home:
 
 # DEMO_STARTED: the demo's summary reports the wall time of the whole target, `make up` included.
 demo: $(STAMP) $(BI_DEPS) ## the main job on the embedded default (DuckDB): Superset up, every asset once, where to click
-	@export DEMO_STARTED=$$($(PY) -c 'import time; print(time.time())') && $(PY) -m localenv up && $(PY) -m localenv summary \
+	@export DEMO_STARTED=$$($(PY) -c 'import time; print(time.time())') && $(PY) -m localenv up && $(PY) -m bi secrets && $(PY) -m localenv summary \
 		&& $(PY) -m bi start && mkdir -p $(DAGSTER_HOME_DIR) && cp dagster.yaml $(DAGSTER_HOME_DIR)/dagster.yaml \
 		&& DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m localenv.demo && $(PY) -m bi up
 

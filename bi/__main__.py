@@ -1,4 +1,4 @@
-"""`python -m bi accounts|serve|start|up|down|status|publish`: the customer portal and Superset, locally.
+"""`python -m bi accounts|secrets|serve|start|up|down|status|publish`: the customer portal and Superset, locally.
 
 `accounts` makes one account per company with an export (their new passwords go to
 `<LOCAL_DIR>/portal/accounts.txt`); `serve` serves the portal in the foreground on
@@ -14,7 +14,8 @@ in the background if they are not running, writes Superset's address and service
 refresh), provisions the dashboards once a copy exists (skipped when their definition is
 unchanged), makes the portal accounts, and prints where to click; `start` does the same
 without the last part. `down` stops both, `status` says whether they run, `publish` publishes
-the BI copy only.
+the BI copy only. `secrets` (the end of `make up`) generates the installation's secrets if they
+do not exist yet: Superset's in `<LOCAL_DIR>/bi/secrets.env`, the portal's session key.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .portal import PortalConfig, PortalError, create_app, exported_companies, r
 # what `up` writes into .local/platform.env for Dagster's dashboards assets, and `down` removes
 SUPERSET_KEYS = ("SUPERSET_URL", "SUPERSET_SERVICE_USER", "SUPERSET_SERVICE_PASSWORD", "SUPERSET_DATABASE_URI",
                  "PORTAL_ORIGINS")
-COMMANDS = ("accounts", "serve", "start", "up", "down", "status", "publish")
+COMMANDS = ("accounts", "secrets", "serve", "start", "up", "down", "status", "publish")
 
 
 def portal_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -205,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         env = portal_environ()
         if args.command == "publish":
             print(f"  {publish_if_changed(env)}")
+            return 0
+        if args.command == "secrets":
+            from .local import load_or_create_secrets
+
+            superset, portal = _servers(env)
+            load_or_create_secrets(superset.home)
+            print(f"  BI secrets kept in {superset.home / 'secrets.env'} and {portal.home / 'secrets.json'} (0600)")
             return 0
         if args.command == "start":
             return up(env, announce=False)

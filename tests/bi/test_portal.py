@@ -295,6 +295,31 @@ def test_portal_settings_are_checked_and_named(tmp_path):
         write_accounts(tmp_path, [1])
 
 
+def test_make_up_generates_the_bi_secrets_once(tmp_path):
+    """`make up` ends with `python -m bi secrets`: Superset's keys and service password and the
+    portal's session key exist, 0600, before anything starts, are kept by a second call, and
+    none is printed."""
+    env = {**os.environ, "LOCAL_DIR": str(tmp_path), "PLATFORM_ENV_FILE": str(tmp_path / "none.env"),
+           "PORTAL_HOME": "", "EXPORT_URI": "", "PORTAL_SESSION_SECRET": "", "PLATFORM_ENV": "local"}
+    runs, kept = [], []
+    for _ in range(2):
+        runs.append(subprocess.run([sys.executable, "-m", "bi", "secrets"], cwd=REPO_ROOT, env=env,
+                                   capture_output=True, text=True, timeout=120))
+        assert runs[-1].returncode == 0, runs[-1].stderr
+        files = {path: path.read_text() for path in (tmp_path / "bi" / "secrets.env", tmp_path / "portal" / "secrets.json")}
+        kept.append(files)
+        for path in files:
+            assert path.stat().st_mode & 0o777 == 0o600, path
+    assert kept[0] == kept[1]
+    values = [line.split("=", 1)[1] for line in kept[0][tmp_path / "bi" / "secrets.env"].splitlines()
+              if "=" in line and not line.startswith("#")]
+    values.append(json.loads(kept[0][tmp_path / "portal" / "secrets.json"])["session_secret"])
+    assert len(values) == 4 and all(len(v) >= 32 for v in values)
+    assert not any(v in run.stdout + run.stderr for v in values for run in runs)
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert "@$(PY) -m localenv up && $(PY) -m bi secrets" in makefile
+
+
 def test_accounts_are_made_per_exported_company_and_kept(portal, tmp_path, monkeypatch, capsys):
     # the defaults: exports under LOCAL_DIR/exports, the portal's files under LOCAL_DIR/portal
     shutil.copytree(portal.exports, tmp_path / "exports")
