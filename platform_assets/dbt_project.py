@@ -31,7 +31,6 @@ from pathlib import Path
 
 import dagster as dg
 from dagster_dbt import DbtCliResource, DbtProject
-from dagster_dbt.errors import DagsterDbtCliRuntimeError
 
 from .settings import DBT_PROJECT_DIR, PlatformSettings
 
@@ -60,38 +59,41 @@ def project_for(settings: PlatformSettings) -> DbtProject:
 
 
 def dbt_project_for(settings: PlatformSettings) -> DbtProject:
-    """The project for this environment, its manifest parsed if need be: under `dagster dev`
-    (dagster-dbt's prepare_if_dev), and in the local environments whenever a project file is
-    newer than the manifest. prod loads the manifest `prepare-and-package` built into the image."""
+    """The project for this environment, its manifest parsed (`prepare`) when a project file
+    is newer than it, in every environment but prod, which loads the manifest
+    `prepare-and-package` built into the image. This stands in for dagster-dbt's
+    prepare_if_dev, whose preparer parses in every run worker of `dagster dev`, changed or not,
+    after a plain `dbt --version` that asks PyPI for the latest releases."""
     project = project_for(settings)
-    if settings.env != "prod" and manifest_is_stale(project):
+    return project if settings.env == "prod" else prepared_if_stale(project)
+
+
+def prepared_if_stale(project: DbtProject) -> DbtProject:
+    if manifest_is_stale(project):
         prepare(project)
-    else:
-        project.prepare_if_dev()
     return project
 
 
 def prepare(project: DbtProject) -> None:
-    """dagster-dbt's preparation (`dbt parse` into the environment's target folder: the
-    manifest the code location loads), then this profile's own parse state; if that parse
-    fails, the profile's first command parses in full instead, and says why."""
-    project.preparer.prepare(project)
-    try:
-        parse_profile_state(project)
-    except (DagsterDbtCliRuntimeError, OSError) as exc:
-        logging.getLogger(__name__).warning(f"dbt parse for this profile's parse state failed: {exc}")
+    """One `dbt parse` through platform-dbt in a folder of its own: its parse state becomes this
+    profile's, then its state and manifest replace the environment's, each by an atomic rename
+    (a loading process never meets a half-written manifest), the manifest last."""
+    parse_profile_state(project, publish=True)
 
 
-def parse_profile_state(project: DbtProject) -> None:
-    """A `dbt parse` in a folder of its own, whose state becomes this profile's. The
-    preparation's state cannot be trusted to be it: another process (a `dagster dev` of another
-    profile) may replace it meanwhile, and dagster-dbt skips the parse when another process
-    prepared while it waited for its lock."""
-    runs = Path(project.project_dir) / project.target_path / "runs"
+def parse_profile_state(project: DbtProject, publish: bool = False) -> None:
+    """A `dbt parse` in a folder of its own, whose parse state becomes this profile's; with
+    `publish` (the preparation), its manifest and state then replace the environment's, each
+    by an atomic rename, the manifest last (its time marks the state fresh)."""
+    target = Path(project.project_dir) / project.target_path
+    runs = target / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="prepare-", dir=runs) as folder:
         start_dbt(dbt_resource(project), project, ["parse", "--quiet"], Path(folder)).wait()
         keep_command_state(project, Path(folder), logging.getLogger(__name__))
+        if publish:
+            for name in (PARSE_STATE, "manifest.json"):
+                os.replace(Path(folder) / name, target / name)
 
 
 def start_dbt(dbt: DbtCliResource, project: DbtProject, args: list[str], target: Path,
@@ -131,9 +133,9 @@ def seed_parse_state(project: DbtProject, folder: Path) -> None:
 
 
 def read_manifest(project: DbtProject, attempts: int = 40, reparse: bool = False) -> dict:
-    """The parsed manifest. dbt writes it in place, not by a rename, and under `dagster dev`
-    dagster-dbt's preparation rewrites it in the code server and in every run worker: a read
-    that meets it half-written waits a moment and reads again. One still cut short after that
+    """The parsed manifest. The preparation replaces it by a rename, but a `dbt parse` run by
+    hand into the environment's target folder writes it in place: a read that meets it
+    half-written waits a moment and reads again. One still cut short after that
     was left by a parse that was stopped: with `reparse` (the local environments) the project
     is prepared again, else (prod's packaged manifest) the load fails naming the file."""
     for _ in range(attempts - 1):

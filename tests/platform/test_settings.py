@@ -6,7 +6,10 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -238,17 +241,11 @@ def tiny_dbt_project(folder):
 
 
 def test_a_profile_keeps_its_own_parse_state_whatever_other_profiles_leave(tmp_path, monkeypatch):
-    """Two things another profile leaves must not become this profile's parse state:
-    - the preparation's state, when another process prepared while this one waited for
-      dagster-dbt's lock (FileLock beside the manifest: dagster-dbt then skips its parse);
+    """Two things another profile leaves must not make this profile's next command parse in
+    full ("profile has changed"):
+    - the environment's prepared state, when another profile prepared last;
     - a `target/partial_parse.msgpack` a plain `dbt` in the project wrote (dagster-dbt copies it
-      into a command's folder where none is).
-    Either would make this profile's next command parse in full ("profile has changed")."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    from filelock import FileLock
-
+      into a command's folder where none is)."""
     from platform_assets.dbt_project import (
         dbt_resource,
         keep_command_state,
@@ -269,35 +266,79 @@ def test_a_profile_keeps_its_own_parse_state_whatever_other_profiles_leave(tmp_p
         keep_command_state(project, folder, logging.getLogger(__name__))
         return names
 
+    monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "b.duckdb"))
+    prepare(project)
+    b_state = parse_state_path(project).read_bytes()
+    assert prepared_state_path(project).read_bytes() == b_state
     monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "a.duckdb"))
-    project.preparer.prepare(project)
+    prepare(project)  # profile A prepared last: the environment's state is A's
     a_state = prepared_state_path(project).read_bytes()
+    assert a_state != b_state and parse_state_path(project).read_bytes() == a_state
 
     monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "b.duckdb"))
-    lock = FileLock(project.manifest_path.with_suffix(".concurrent-update-lock"))
-    # prepare() must be waiting for the lock before A's preparation "ends": on a busy machine
-    # it may not be after the first wait, and then the preparation parsed with B; try longer.
-    for wait_s in (1, 4, 12):
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            with lock:
-                waiting = pool.submit(prepare, project)
-                time.sleep(wait_s)
-                # what profile A's preparation, in another process, leaves behind
-                prepared_state_path(project).write_bytes(a_state)
-                later = project.manifest_path.stat().st_mtime + 2
-                os.utime(project.manifest_path, (later, later))
-            waiting.result()
-        if prepared_state_path(project).read_bytes() == a_state:
-            break  # the preparation skipped its parse: the shared state is still A's
-    assert prepared_state_path(project).read_bytes() == a_state, "the preparation never skipped"
-    events = parse_events("after-skipped-preparation")
+    events = parse_events("after-another-profile-prepared")
     assert "UnableToPartialParse" not in events and "ParsedFileLoadFailed" not in events, events
+    assert parse_state_path(project).read_bytes() == b_state
 
-    b_state = parse_state_path(project).read_bytes()
     (tmp_path / "target" / "partial_parse.msgpack").write_bytes(a_state)
     events = parse_events("beside-a-plain-dbt-state")
     assert "UnableToPartialParse" not in events and "ParsedFileLoadFailed" not in events, events
     assert parse_state_path(project).read_bytes() == b_state  # nothing changed: dbt wrote none
+
+
+def test_the_preparation_asks_no_registry_and_parses_only_when_stale(tmp_path, monkeypatch):
+    """dagster-dbt's own preparer (prepare_if_dev) runs a plain `dbt --version`, which asks PyPI
+    for the latest releases, and parses in every run worker of `dagster dev`. The platform's
+    preparation runs dbt through platform-dbt (its `--version` asks nothing) and parses only
+    when a project file changed since the manifest, under `dagster dev` too."""
+    from platform_assets.dbt_project import prepared_if_stale
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    project = tiny_dbt_project(folder)
+    monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "a.duckdb"))
+    monkeypatch.setenv("DAGSTER_IS_DEV_CLI", "1")
+    # any HTTP(S) request goes to this proxy, which records it and hangs up
+    requests_seen = tmp_path / "proxy.log"
+    proxy = subprocess.Popen([sys.executable, "-c", RECORDING_PROXY, str(requests_seen)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        port = proxy.stdout.readline().strip()
+        for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+
+        prepared_if_stale(project)
+        parsed = project.manifest_path.stat().st_mtime_ns
+        assert "model.tiny.a" in json.loads(project.manifest_path.read_text())["nodes"]
+        prepared_if_stale(project)  # nothing changed: no parse
+        assert project.manifest_path.stat().st_mtime_ns == parsed
+        (folder / "models" / "b.sql").write_text("select 2 as b")
+        prepared_if_stale(project)
+        assert "model.tiny.b" in json.loads(project.manifest_path.read_text())["nodes"]
+        assert not requests_seen.exists()
+        # the control: a plain `dbt --version` does ask, through the proxy
+        plain = subprocess.run([str(Path(sys.executable).parent / "dbt"), "--version"], capture_output=True,
+                               text=True, timeout=120)
+        assert plain.returncode == 0, plain.stderr
+        assert requests_seen.exists()
+    finally:
+        proxy.kill()
+
+
+RECORDING_PROXY = """
+import socket, sys
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(16)
+print(server.getsockname()[1], flush=True)
+while True:
+    conn, _ = server.accept()
+    with open(sys.argv[1], "a") as log:
+        log.write("request\\n")
+    conn.close()
+"""
 
 
 def test_a_manifest_rewritten_in_place_is_read_whole(tmp_path):
