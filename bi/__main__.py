@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=COMMANDS)
     args = parser.parse_args(argv)
     try:
+        if args.command == "secrets" and load_settings(dict(os.environ)).env == "prod":
+            print("  PLATFORM_ENV=prod: the BI secrets come from the secrets store, none is generated")
+            return 0
         env = portal_environ()
         if args.command == "publish":
             print(f"  {publish_if_changed(env)}")
@@ -212,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
             superset, portal = _servers(env)
             load_or_create_secrets(superset.home)
-            print(f"  BI secrets kept in {superset.home / 'secrets.env'} and {portal.home / 'secrets.json'} (0600)")
+            kept = [superset.home / "secrets.env"] + (
+                [portal.home / "secrets.json"] if (portal.home / "secrets.json").exists() else [])
+            print(f"  BI secrets kept in {' and '.join(map(str, kept))} (0600)")
             return 0
         if args.command == "start":
             return up(env, announce=False)

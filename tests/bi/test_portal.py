@@ -306,7 +306,8 @@ def test_make_up_generates_the_bi_secrets_once(tmp_path):
         runs.append(subprocess.run([sys.executable, "-m", "bi", "secrets"], cwd=REPO_ROOT, env=env,
                                    capture_output=True, text=True, timeout=120))
         assert runs[-1].returncode == 0, runs[-1].stderr
-        files = {path: path.read_text() for path in (tmp_path / "bi" / "secrets.env", tmp_path / "portal" / "secrets.json")}
+        files = {path: path.read_text()
+                 for path in (tmp_path / "bi" / "secrets.env", tmp_path / "portal" / "secrets.json")}
         kept.append(files)
         for path in files:
             assert path.stat().st_mode & 0o777 == 0o600, path
@@ -316,6 +317,10 @@ def test_make_up_generates_the_bi_secrets_once(tmp_path):
     values.append(json.loads(kept[0][tmp_path / "portal" / "secrets.json"])["session_secret"])
     assert len(values) == 4 and all(len(v) >= 32 for v in values)
     assert not any(v in run.stdout + run.stderr for v in values for run in runs)
+    prod = subprocess.run([sys.executable, "-m", "bi", "secrets"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120, env={**env, "LOCAL_DIR": str(tmp_path / "prod"), "PLATFORM_ENV": "prod"})
+    assert prod.returncode == 0 and "secrets store" in prod.stdout, prod.stderr
+    assert not (tmp_path / "prod").exists()
     makefile = (REPO_ROOT / "Makefile").read_text()
     assert "@$(PY) -m localenv up && $(PY) -m bi secrets" in makefile
 
