@@ -17,6 +17,7 @@ for the next ones.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -70,7 +71,12 @@ def dbt_project_for(settings: PlatformSettings) -> DbtProject:
 
 def prepared_if_stale(project: DbtProject) -> DbtProject:
     if manifest_is_stale(project):
-        prepare(project)
+        target = Path(project.project_dir) / project.target_path
+        target.mkdir(parents=True, exist_ok=True)
+        with open(target / "prepare.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process parses; those waiting then find it fresh
+            if manifest_is_stale(project):
+                prepare(project)
     return project
 
 
@@ -89,9 +95,12 @@ def parse_profile_state(project: DbtProject, publish: bool = False) -> None:
     runs = target / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="prepare-", dir=runs) as folder:
+        started = time.time()
         start_dbt(dbt_resource(project), project, ["parse", "--quiet"], Path(folder)).wait()
         keep_command_state(project, Path(folder), logging.getLogger(__name__))
         if publish:
+            # dated when the parse began: a file saved while dbt parsed leaves the manifest stale
+            os.utime(Path(folder) / "manifest.json", (started, started))
             for name in (PARSE_STATE, "manifest.json"):
                 os.replace(Path(folder) / name, target / name)
 

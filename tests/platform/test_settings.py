@@ -291,7 +291,7 @@ def test_the_preparation_asks_no_registry_and_parses_only_when_stale(tmp_path, m
     for the latest releases, and parses in every run worker of `dagster dev`. The platform's
     preparation runs dbt through platform-dbt (its `--version` asks nothing) and parses only
     when a project file changed since the manifest, under `dagster dev` too."""
-    from platform_assets.dbt_project import prepared_if_stale
+    from platform_assets.dbt_project import manifest_is_stale, prepared_if_stale
 
     folder = tmp_path / "project"
     folder.mkdir()
@@ -314,6 +314,12 @@ def test_the_preparation_asks_no_registry_and_parses_only_when_stale(tmp_path, m
         assert "model.tiny.a" in json.loads(project.manifest_path.read_text())["nodes"]
         prepared_if_stale(project)  # nothing changed: no parse
         assert project.manifest_path.stat().st_mtime_ns == parsed
+        # a file saved while dbt parsed (after the parse began) leaves the manifest stale
+        saved = parsed / 1e9 + 0.5
+        os.utime(folder / "models" / "a.sql", (saved, saved))
+        assert manifest_is_stale(project)
+        prepared_if_stale(project)
+        assert project.manifest_path.stat().st_mtime_ns > parsed and not manifest_is_stale(project)
         (folder / "models" / "b.sql").write_text("select 2 as b")
         prepared_if_stale(project)
         assert "model.tiny.b" in json.loads(project.manifest_path.read_text())["nodes"]
@@ -325,6 +331,7 @@ def test_the_preparation_asks_no_registry_and_parses_only_when_stale(tmp_path, m
         assert requests_seen.exists()
     finally:
         proxy.kill()
+        proxy.wait()
 
 
 RECORDING_PROXY = """
@@ -342,8 +349,8 @@ while True:
 
 
 def test_a_manifest_rewritten_in_place_is_read_whole(tmp_path):
-    """dbt rewrites manifest.json in place (under `dagster dev`, in every run worker): a
-    platform loading meanwhile reads it whole, where a single read meets a half-written file."""
+    """dbt rewrites manifest.json in place (a `dbt parse` run by hand into the target folder):
+    a platform loading meanwhile reads it whole, where a single read meets a half-written file."""
     import threading
     import time
 
