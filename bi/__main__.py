@@ -32,7 +32,16 @@ from pathlib import Path
 
 from platform_assets.settings import REPO_ROOT, ConfigurationError, load_settings
 
-from .portal import PortalConfig, PortalError, create_app, exported_companies, read_json, write_accounts, write_private
+from .portal import (
+    PortalConfig,
+    PortalError,
+    create_app,
+    exported_companies,
+    held,
+    read_json,
+    write_accounts,
+    write_private,
+)
 
 # what `up` writes into .local/platform.env for Dagster's dashboards assets, and `down` removes
 SUPERSET_KEYS = ("SUPERSET_URL", "SUPERSET_SERVICE_USER", "SUPERSET_SERVICE_PASSWORD", "SUPERSET_DATABASE_URI",
@@ -55,10 +64,12 @@ def portal_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
         home = Path(env["PORTAL_HOME"])
         home.mkdir(parents=True, exist_ok=True)
         path = home / "secrets.json"
-        kept = read_json(path, {})
-        if "session_secret" not in kept:
-            kept["session_secret"] = secrets.token_urlsafe(48)
-            write_private(path, json.dumps(kept))
+        with held(home / ".secrets.lock"):
+            kept = read_json(path, {})
+            if "session_secret" not in kept:
+                kept["session_secret"] = secrets.token_urlsafe(48)
+                write_private(path, json.dumps(kept))
+            path.chmod(0o600)
         env["PORTAL_SESSION_SECRET"] = kept["session_secret"]
     return env
 

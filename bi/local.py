@@ -22,6 +22,8 @@ from pathlib import Path
 
 from platform_assets.settings import env_file_values
 
+from .portal import held, write_private
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUPERSET_VENV = Path(os.environ.get("SUPERSET_VENV", REPO_ROOT / ".venv-superset"))
 CONFIG_PATH = REPO_ROOT / "bi" / "superset" / "superset_config.py"
@@ -33,17 +35,13 @@ def load_or_create_secrets(folder: Path) -> dict[str, str]:
     """The installation's secrets, created once (0600) and read back afterwards."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "secrets.env"
-    values = env_file_values(path)
-    missing = [n for n in SECRET_NAMES if not values.get(n)]
-    if missing:
-        values.update({n: secrets.token_urlsafe(48) for n in missing})
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write("# generated on the first `make up`; never commit or print these\n")
-            out.writelines(f"{k}={values[k]}\n" for k in SECRET_NAMES)
-        os.replace(tmp, path)
-    path.chmod(0o600)
+    with held(folder / ".secrets.lock"):
+        values = env_file_values(path)
+        if missing := [n for n in SECRET_NAMES if not values.get(n)]:
+            values.update({n: secrets.token_urlsafe(48) for n in missing})
+            write_private(path, "# generated on the first `make up`; never commit or print these\n"
+                          + "".join(f"{k}={values[k]}\n" for k in SECRET_NAMES))
+        path.chmod(0o600)
     return {n: values[n] for n in SECRET_NAMES}
 
 
@@ -243,7 +241,6 @@ def provision(superset: SupersetServer, copy_path: Path, portal_origins: list[st
     import json
     from dataclasses import asdict
 
-    from .portal import write_private
     from .superset_api import SupersetClient
 
     client = SupersetClient(superset.url, SERVICE_USER, load_or_create_secrets(superset.home)[

@@ -5,8 +5,11 @@ streamed, not held in memory."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import http.client
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -323,6 +326,67 @@ def test_make_up_generates_the_bi_secrets_once(tmp_path):
     assert not (tmp_path / "prod").exists()
     makefile = (REPO_ROOT / "Makefile").read_text()
     assert "@$(PY) -m localenv up && $(PY) -m bi secrets" in makefile
+
+
+def _secrets(env: dict[str, str], ready, out) -> None:
+    from bi.local import load_or_create_secrets
+
+    ready.put(os.getpid())
+    superset = load_or_create_secrets(Path(env["LOCAL_DIR"]) / "bi")
+    out.put((superset, portal_environ(env)["PORTAL_SESSION_SECRET"]))
+
+
+def _another_process_makes_secrets(tmp_path: Path, superset: dict[str, str], locked, go) -> None:
+    with contextlib.ExitStack() as stack:
+        for folder in (tmp_path / "bi", tmp_path / "portal"):
+            fcntl.flock(stack.enter_context(open(folder / ".secrets.lock", "a")), fcntl.LOCK_EX)
+        locked.set()
+        go.wait(120)
+        (tmp_path / "bi" / "secrets.env").write_text("".join(f"{k}={v}\n" for k, v in superset.items()))
+        (tmp_path / "portal" / "secrets.json").write_text(json.dumps({"session_secret": "made-by-another"}))
+
+
+def test_processes_that_find_no_secrets_at_once_keep_one_set(tmp_path):
+    """Processes that find no secrets at the same moment (`make up` beside `make bi`) end with the
+    set the files keep, not keys of their own: each reads, and creates only what is missing,
+    under the folder's lock. Here another process holds the locks while they start, and writes
+    the secrets before it lets go."""
+    env = {"LOCAL_DIR": str(tmp_path), "PLATFORM_ENV_FILE": str(tmp_path / "none.env"),
+           "PORTAL_HOME": str(tmp_path / "portal"), "PLATFORM_ENV": "local", "EXPORT_URI": str(tmp_path / "exports")}
+    from bi.local import SECRET_NAMES
+
+    superset = {name: f"{name.lower()}-made-by-another" for name in SECRET_NAMES}
+    (tmp_path / "bi").mkdir()
+    (tmp_path / "portal").mkdir()
+    context = multiprocessing.get_context("fork")
+    locked, go, ready, out = context.Event(), context.Event(), context.Queue(), context.Queue()
+    holder = context.Process(target=_another_process_makes_secrets, args=(tmp_path, superset, locked, go),
+                             daemon=True)
+    workers = [context.Process(target=_secrets, args=(env, ready, out), daemon=True) for _ in range(6)]
+    try:
+        holder.start()
+        assert locked.wait(60)
+        for worker in workers:
+            worker.start()
+        for _ in workers:
+            ready.get(timeout=60)
+        time.sleep(1)
+        assert out.empty(), "a process read or made secrets without the lock"
+        go.set()
+        results = [out.get(timeout=60) for _ in workers]
+        for process in [holder, *workers]:
+            process.join(timeout=60)
+            assert process.exitcode == 0
+    finally:
+        go.set()
+        for process in [holder, *workers]:
+            if process.pid is not None and process.is_alive():
+                process.terminate()
+                process.join(timeout=10)
+    assert results == [(superset, "made-by-another")] * len(workers)
+    assert sorted(p.name for p in (tmp_path / "bi").iterdir()) == [".secrets.lock", "secrets.env"]
+    assert all((tmp_path / folder / name).stat().st_mode & 0o777 == 0o600
+               for folder, name in (("bi", "secrets.env"), ("portal", "secrets.json")))
 
 
 def test_accounts_are_made_per_exported_company_and_kept(portal, tmp_path, monkeypatch, capsys):
