@@ -371,7 +371,7 @@ def churn_fixture(engine: str):
                 overrides["WAREHOUSE_PG_DB"] = f"wh_{schema}"
                 overrides["WAREHOUSE_PG_URL"] = pg_env.values["WAREHOUSE_PG_URL"].rsplit("/", 1)[0] + f"/wh_{schema}"
                 reference["WAREHOUSE_PG_DB"] = f"ref_{schema}"
-            with platform_under_test(pg_env, folder, engine, overrides) as put:
+            with platform_under_test(pg_env, folder, engine, overrides, in_memory=True) as put:
                 summary = run_all(put.platform, put.instance, progress=lambda _m: None, consumers=False)
                 consumers = set(put.platform.exports.asset.keys) | {d.key for d in put.platform.dashboards}
                 assert summary["materialized"] >= summary["expected"] - consumers
