@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from importlib.metadata import version
 from pathlib import Path
 
 import dagster as dg
@@ -210,13 +211,17 @@ def keep_parse_state(target: Path, state: Path) -> None:
 
 
 def manifest_is_stale(project: DbtProject) -> bool:
-    """No manifest or parse state, or a file or folder of the project changed after the
-    manifest was written (a removed file changes its folder's modification time)."""
+    """No manifest or parse state, a manifest another dbt-core wrote (an upgrade), or a file or
+    folder of the project changed after the manifest was written (a removed file changes its
+    folder's modification time)."""
     try:
         parsed = project.manifest_path.stat().st_mtime
+        with project.manifest_path.open("rb") as manifest:
+            head = manifest.read(4096).decode(errors="replace")  # dbt writes its metadata first
     except FileNotFoundError:
         return True
-    if not prepared_state_path(project).exists():
+    written_by = re.search(r'"dbt_version":\s*"([^"]+)"', head)
+    if not prepared_state_path(project).exists() or not written_by or written_by[1] != version("dbt-core"):
         return True
     root = Path(project.project_dir)
     paths = [root / name for name in PROJECT_FILES]

@@ -130,8 +130,10 @@ def test_a_failure_names_the_sources_the_failing_models_read():
 def test_the_manifest_is_stale_after_any_project_file_changes(tmp_path):
     """The local environments parse again when a project file was added, edited or removed
     after the manifest was written (a removed file shows in its folder's modification time),
-    or when the parse state the dbt commands start from is gone."""
+    when the parse state the dbt commands start from is gone, or when another dbt-core wrote
+    the manifest (an upgrade)."""
     import time
+    from importlib.metadata import version
 
     from dagster_dbt import DbtProject
 
@@ -143,9 +145,9 @@ def test_the_manifest_is_stale_after_any_project_file_changes(tmp_path):
     project = DbtProject(project_dir=tmp_path, target_path="target/pg")
     assert manifest_is_stale(project)  # no manifest yet
 
-    def parsed_now():
+    def parsed_now(dbt_version: str = version("dbt-core")):
         project.manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        project.manifest_path.write_text("{}")
+        project.manifest_path.write_text(json.dumps({"metadata": {"dbt_version": dbt_version}, "nodes": {}}))
         prepared_state_path(project).write_bytes(b"state")
         later = time.time() + 5
         os.utime(project.manifest_path, (later, later))
@@ -154,6 +156,8 @@ def test_the_manifest_is_stale_after_any_project_file_changes(tmp_path):
     parsed_now()
     assert not manifest_is_stale(project)
     prepared_state_path(project).unlink()
+    assert manifest_is_stale(project)
+    parsed_now("1.8.0")
     assert manifest_is_stale(project)
     for change in (lambda: (tmp_path / "models" / "b.sql").write_text("select 2 as b"),
                    lambda: (tmp_path / "models" / "a.sql").write_text("select 3 as a"),
