@@ -231,7 +231,7 @@ def _build_scenario(pg_env, tmp_path_factory) -> Scenario:
         scenario.activity_window[engine] = {"before": before_activity[engine],
                                             "after": _activity_rows(scenario.warehouses[engine])}
     # The daily activity without a window: a table rebuilt in full from the fact as it now is.
-    on_both("activity_rebuilt", "run", "--select", "fct_daily_learning_activity", target_dir="target-rebuild")
+    on_both("activity_rebuilt", "run", "--select", "fct_daily_learning_activity")
     for engine in ENGINES:
         scenario.activity_window[engine]["rebuilt"] = _activity_rows(scenario.warehouses[engine])
     # The incremental facts with their tests and unit tests.

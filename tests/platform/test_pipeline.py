@@ -241,6 +241,8 @@ def test_automation_follows_changed_sources(built, pg_env):
     assert (BI_COPY_KEY in _requested(next_tick)) == (built.platform.settings.env == "local")
 
 
+# Dagster's freshness daemon and automation conditions: no engine in it, so DuckDB only.
+@pytest.mark.parametrize("built", ["local"], indirect=True)
 def test_freshness_failure_requests_the_mart(built):
     graph = built.defs.resolve_asset_graph()
     marts = sorted(
@@ -391,6 +393,8 @@ def test_cli_backfill_changes_rows_only_inside_the_range(built, pg_env):
     assert len(after) > len(before)
 
 
+# The step's own check of dbt's results, the same on every engine: DuckDB only.
+@pytest.mark.parametrize("built", ["local"], indirect=True)
 def test_a_selected_asset_dbt_did_not_build_fails_the_step(built, tmp_path):
     """dbt can succeed without building an asset its step selected: the node was missing from
     the manifest of the project dbt ran (once dbt's partial parsing dropped a YAML snapshot;
