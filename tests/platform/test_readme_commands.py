@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import date, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -29,6 +30,7 @@ import yaml
 
 from platform_assets.bi import COPY_KEY as BI_COPY_KEY
 
+from ..conftest import TEST_DAYS
 from ..reliability.live_dagster import LiveDagster, instance_config, live_dagster
 from .conftest import REPO_ROOT, platform_environ
 
@@ -118,8 +120,11 @@ def readme_env(pg_env, tmp_path_factory) -> Iterator[dict]:
     (clone / ".venv").symlink_to(Path(sys.executable).parent.parent)
     (clone / "workspace.yaml").symlink_to(REPO_ROOT / "workspace.yaml")
     _ensure_companies(pg_env, DEMO_COMPANIES)
-    # The demo's partitions (from 2025-11-01), which hold the README's dates.
-    overrides = {"FACT_PARTITIONS_START": "2025-11-01", "SOURCE_OBSERVE_CRON": "0 0 1 1 *",
+    # Partitions from the first day the README's commands name, or the data's first day if
+    # earlier: the demo default's year of empty days would only add to every run's plan and events.
+    start = min(min(re.findall(r"\d{4}-\d{2}-\d{2}", " ".join(COMMANDS))),
+                (date.today() - timedelta(days=TEST_DAYS + 5)).isoformat())
+    overrides = {"FACT_PARTITIONS_START": start, "SOURCE_OBSERVE_CRON": "0 0 1 1 *",
                  "LOCAL_DIR": str(local)}
     environ = platform_environ(pg_env, local, "local", overrides)
     local.mkdir()
