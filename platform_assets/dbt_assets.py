@@ -171,7 +171,7 @@ def attach_source_tests(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_dbt_assets(project: DbtProject, manifest: Mapping[str, Any], settings: PlatformSettings,
                      lag_checks: dg.AssetSelection | None = None) -> list[dg.AssetsDefinition]:
-    """The two dbt asset sets of `project`, whose parsed `manifest` (read_manifest) is given."""
+    """The two dbt asset sets of `project`, whose parsed `manifest` (manifest_for) is given."""
     manifest = attach_source_tests(manifest)
     translator = PlatformTranslator(engine=settings.engine, lag_checks=lag_checks)
     # The daily set's translator leaves the source tests to the unpartitioned set, and the

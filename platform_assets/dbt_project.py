@@ -10,9 +10,10 @@ profiles.yml reads (passwords left out, as dbt leaves them out of its own check)
 the preparation's state, copied into each command's run folder (where dbt reads it, and
 rewrites it when parsing changed anything), and replaced after the command by what that
 folder holds. Two deployments of one environment (another DUCKDB_PATH, the tests'
-warehouses) no longer make each other's commands parse in full. In production the image's
-state was parsed with placeholders; the first command of a task parses and keeps the state
-for the next ones.
+warehouses) no longer make each other's commands parse in full. The manifest names the
+warehouse database in every relation, so a load with another one parses it again
+(manifest_for). In production the image's state was parsed with placeholders but the
+stack's database; the first command of a task parses and keeps the state for the next ones.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
 import dagster as dg
 from dagster_dbt import DbtCliResource, DbtProject
 
-from .settings import DBT_PROJECT_DIR, PlatformSettings
+from .settings import DBT_PROJECT_DIR, ConfigurationError, PlatformSettings
 
 # The environment's own dbt, behind platform-dbt (dbt_launcher.py: `--version` without PyPI)
 # when this project's scripts are installed, whether or not its bin folder is on PATH.
@@ -48,6 +51,8 @@ RUN_FOLDER_MIN_AGE_S = 3600
 # parse states (about 1 MB each) of the most recently used connection profiles
 KEPT_PARSE_STATES = 20
 PARSE_STATE = "partial_parse.msgpack"
+# beside the environment's manifest: the warehouse setting it was parsed with (database_setting)
+DATABASE_MARK = "manifest.database"
 
 
 def project_for(settings: PlatformSettings) -> DbtProject:
@@ -62,36 +67,83 @@ def project_for(settings: PlatformSettings) -> DbtProject:
 
 def dbt_project_for(settings: PlatformSettings) -> DbtProject:
     """The project for this environment, its manifest parsed (`prepare`) when a project file
-    is newer than it, in every environment but prod, which loads the manifest
-    `prepare-and-package` built into the image. This stands in for dagster-dbt's
-    prepare_if_dev, whose preparer parses in every run worker of `dagster dev`, changed or not,
-    after a plain `dbt --version` that asks PyPI for the latest releases."""
+    is newer than it or it was parsed for another warehouse database, in every environment but
+    prod, which loads the manifest `prepare-and-package` built into the image. This stands in
+    for dagster-dbt's prepare_if_dev, whose preparer parses in every run worker of `dagster
+    dev`, changed or not, after a plain `dbt --version` that asks PyPI for the latest releases."""
     project = project_for(settings)
-    return project if settings.env == "prod" else prepared_if_stale(project)
+    return project if settings.env == "prod" else prepared_if_stale(project, database_setting(settings))
 
 
-def prepared_if_stale(project: DbtProject) -> DbtProject:
-    if manifest_is_stale(project):
-        target = Path(project.project_dir) / project.target_path
-        target.mkdir(parents=True, exist_ok=True)
-        with open(target / "prepare.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one process parses; those waiting then find it fresh
-            if manifest_is_stale(project):
-                prepare(project)
+def prepared_if_stale(project: DbtProject, database: str | None = None) -> DbtProject:
+    if manifest_is_stale(project, database):
+        with preparing(project):
+            if manifest_is_stale(project, database):
+                prepare(project, database)
     return project
 
 
-def prepare(project: DbtProject) -> None:
+@contextmanager
+def preparing(project: DbtProject) -> Iterator[None]:
+    """One process prepares the environment at a time; those waiting then find it fresh."""
+    target = Path(project.project_dir) / project.target_path
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target / "prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def manifest_for(project: DbtProject, settings: PlatformSettings) -> dict:
+    """The parsed manifest, with this environment's warehouse database in its relations. dbt
+    writes the profile's database into every relation it parses: the catalog's table names
+    and the tables dagster-dbt counts and describes after a build. Locally the manifest is
+    read under the preparation's lock, parsed again first if another database's process
+    published it meanwhile; prod's packaged one must have been built for REDSHIFT_DB."""
+    database = database_setting(settings)
+    if settings.env != "prod":
+        with preparing(project):
+            if manifest_is_stale(project, database):
+                prepare(project, database)
+            return read_manifest(project, reparse=True, database=database)
+    manifest = read_manifest(project)
+    parsed_for = manifest_database(manifest)
+    # Redshift folds unquoted names to lower case, as dbt-redshift compares them
+    if database is not None and parsed_for is not None and parsed_for.casefold() != database.casefold():
+        raise ConfigurationError(
+            f"the image's dbt manifest was parsed for the warehouse database {parsed_for!r} but REDSHIFT_DB"
+            f" is {database!r}: its table names and row counts would name the wrong database; build the"
+            f" image with --build-arg REDSHIFT_DB={database} (deploy/Dockerfile)")
+    return manifest
+
+
+def manifest_database(manifest: dict) -> str | None:
+    """The database of the manifest's models: the one its profile named when it was parsed."""
+    return next((node.get("database") for node in manifest.get("nodes", {}).values()
+                 if node.get("resource_type") == "model"), None)
+
+
+def database_setting(settings: PlatformSettings) -> str | None:
+    """The setting dbt takes the warehouse database of its relations from: the DuckDB file's
+    name (dbt-duckdb derives the database from it), WAREHOUSE_PG_DB or REDSHIFT_DB. Unset, it
+    is the run's preflight that says so."""
+    if settings.engine == "duckdb":
+        path = settings.optional("DUCKDB_PATH")
+        return Path(path).name if path else None
+    return settings.optional({"postgres": "WAREHOUSE_PG_DB", "redshift": "REDSHIFT_DB"}[settings.engine])
+
+
+def prepare(project: DbtProject, database: str | None = None) -> None:
     """One `dbt parse` through platform-dbt in a folder of its own: its parse state becomes this
     profile's, then its state and manifest replace the environment's, each by an atomic rename
-    (a loading process never meets a half-written manifest), the manifest last."""
-    parse_profile_state(project, publish=True)
+    (a loading process never meets a half-written manifest), the manifest last. `database`:
+    the warehouse setting it parses with (database_setting), kept beside it."""
+    parse_profile_state(project, publish=True, database=database)
 
 
-def parse_profile_state(project: DbtProject, publish: bool = False) -> None:
+def parse_profile_state(project: DbtProject, publish: bool = False, database: str | None = None) -> None:
     """A `dbt parse` in a folder of its own, whose parse state becomes this profile's; with
-    `publish` (the preparation), its manifest and state then replace the environment's, each
-    by an atomic rename, the manifest last (its time marks the state fresh)."""
+    `publish` (the preparation), its manifest, state and `database` then replace the
+    environment's, each by an atomic rename, the manifest last (its time marks them fresh)."""
     target = Path(project.project_dir) / project.target_path
     runs = target / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -102,7 +154,11 @@ def parse_profile_state(project: DbtProject, publish: bool = False) -> None:
         if publish:
             # dated when the parse began: a file saved while dbt parsed leaves the manifest stale
             os.utime(Path(folder) / "manifest.json", (started, started))
-            for name in (PARSE_STATE, "manifest.json"):
+            # the setting and the manifest's time (a rename keeps it): a manifest rewritten
+            # otherwise (a `dbt parse` by hand) no longer matches its mark
+            mark = f"{database or ''}\n{(Path(folder) / 'manifest.json').stat().st_mtime_ns}"
+            (Path(folder) / DATABASE_MARK).write_text(mark)
+            for name in (PARSE_STATE, DATABASE_MARK, "manifest.json"):
                 os.replace(Path(folder) / name, target / name)
 
 
@@ -142,7 +198,8 @@ def seed_parse_state(project: DbtProject, folder: Path) -> None:
             continue
 
 
-def read_manifest(project: DbtProject, attempts: int = 40, reparse: bool = False) -> dict:
+def read_manifest(project: DbtProject, attempts: int = 40, reparse: bool = False,
+                  database: str | None = None) -> dict:
     """The parsed manifest. The preparation replaces it by a rename, but a `dbt parse` run by
     hand into the environment's target folder writes it in place: a read that meets it
     half-written waits a moment and reads again. One still cut short after that
@@ -161,8 +218,8 @@ def read_manifest(project: DbtProject, attempts: int = 40, reparse: bool = False
             raise ValueError(f"{problem}: a dbt parse stopped while writing it? Build the image again"
                              " (`dagster-dbt project prepare-and-package`).") from exc
         logging.getLogger(__name__).warning(f"{problem}: a dbt parse stopped while writing it; parsing again")
-    prepare(project)
-    return read_manifest(project, attempts)  # another process may be rewriting it already
+    prepare(project, database)
+    return read_manifest(project, attempts)  # a `dbt parse` by hand may be rewriting it already
 
 
 def prepared_state_path(project: DbtProject) -> Path:
@@ -210,10 +267,11 @@ def keep_parse_state(target: Path, state: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def manifest_is_stale(project: DbtProject) -> bool:
-    """No manifest or parse state, a manifest another dbt-core wrote (an upgrade), or a file or
-    folder of the project changed after the manifest was written (a removed file changes its
-    folder's modification time)."""
+def manifest_is_stale(project: DbtProject, database: str | None = None) -> bool:
+    """No manifest or parse state, a manifest another dbt-core wrote (an upgrade), one parsed
+    with another warehouse setting than `database` (when given), or a file or folder of the
+    project changed after the manifest was written (a removed file changes its folder's
+    modification time)."""
     try:
         parsed = project.manifest_path.stat().st_mtime
         with project.manifest_path.open("rb") as manifest:
@@ -223,6 +281,13 @@ def manifest_is_stale(project: DbtProject) -> bool:
     written_by = re.search(r'"dbt_version":\s*"([^"]+)"', head)
     if not prepared_state_path(project).exists() or not written_by or written_by[1] != version("dbt-core"):
         return True
+    if database is not None:
+        try:
+            mark = (project.manifest_path.parent / DATABASE_MARK).read_text()
+        except FileNotFoundError:
+            return True
+        if mark != f"{database}\n{project.manifest_path.stat().st_mtime_ns}":
+            return True
     root = Path(project.project_dir)
     paths = [root / name for name in PROJECT_FILES]
     for folder in PROJECT_FOLDERS:

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from cfnlint.decode import decode_str
 
+from .test_dockerfile import of
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO_ROOT / ".github" / "workflows").glob("*.y*ml"))
 DEPLOY = REPO_ROOT / ".github" / "workflows" / "deploy.yml"
@@ -119,3 +121,28 @@ def test_pipeline_passes_every_required_stack_parameter():
     required = {name for name, p in params.items() if "Default" not in p}
     assert required <= passed, f"not passed by the pipeline: {sorted(required - passed)}"
     assert passed <= set(params), f"unknown to the template: {sorted(passed - set(params))}"
+
+
+def test_the_image_is_parsed_for_the_stacks_warehouse_database():
+    """dbt writes the profile's database into every relation of the image's manifest: the
+    build takes it as a build arg, from the variable that gives the stack its RedshiftDatabase,
+    and the image's parse step fails without it."""
+    jobs = load(DEPLOY)["jobs"]
+    build = next(s for job in jobs.values() for s in job["steps"] if "docker build" in s.get("run", ""))
+    deploy = next(s for job in jobs.values() for s in job["steps"] if "aws cloudformation deploy" in s.get("run", ""))
+    assert '--build-arg REDSHIFT_DB="$REDSHIFT_DATABASE"' in build["run"]
+    assert '"RedshiftDatabase=$REDSHIFT_DATABASE"' in deploy["run"]
+    assert build["env"]["REDSHIFT_DATABASE"] == deploy["env"]["REDSHIFT_DATABASE"] == "${{ vars.REDSHIFT_DATABASE }}"
+    dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
+    assert "\nARG REDSHIFT_DB\n" in dockerfile
+    (parse_step,) = [run for run in of("RUN") if "prepare-and-package" in run]
+    assert 'REDSHIFT_DB="${REDSHIFT_DB:?' in parse_step
+    # The step as the build's shell runs it (the command itself echoes its database): it stops
+    # without the build arg, naming it, and parses for the database given.
+    step = parse_step.replace("dagster-dbt project prepare-and-package", 'sh -c \'echo "$REDSHIFT_DB"\' --')
+    env = {"PATH": "/usr/bin:/bin"}
+    missing = subprocess.run(["sh", "-c", step], env=env, capture_output=True, text=True, timeout=30)
+    assert missing.returncode != 0 and "--build-arg REDSHIFT_DB" in missing.stderr, missing
+    given = subprocess.run(["sh", "-c", step], env={**env, "REDSHIFT_DB": "analytics"}, capture_output=True,
+                           text=True, timeout=30)
+    assert (given.returncode, given.stdout.strip()) == (0, "analytics"), given

@@ -295,7 +295,8 @@ def test_the_preparation_asks_no_registry_and_parses_only_when_stale(tmp_path, m
     for the latest releases, and parses in every run worker of `dagster dev`. The platform's
     preparation runs dbt through platform-dbt (its `--version` asks nothing) and parses only
     when a project file changed since the manifest, under `dagster dev` too."""
-    from platform_assets.dbt_project import manifest_is_stale, prepared_if_stale
+    from platform_assets.dbt_project import manifest_database, manifest_for, manifest_is_stale, prepared_if_stale
+    from platform_assets.settings import PlatformSettings
 
     folder = tmp_path / "project"
     folder.mkdir()
@@ -327,6 +328,21 @@ def test_the_preparation_asks_no_registry_and_parses_only_when_stale(tmp_path, m
         (folder / "models" / "b.sql").write_text("select 2 as b")
         prepared_if_stale(project)
         assert "model.tiny.b" in json.loads(project.manifest_path.read_text())["nodes"]
+        # another warehouse (dbt-duckdb's database: the file's name): its relations, parsed again
+        assert manifest_database(json.loads(project.manifest_path.read_text())) == "a"
+        other = PlatformSettings(env="local", values={"DUCKDB_PATH": str(tmp_path / "b.duckdb")})
+        monkeypatch.setenv("DUCKDB_PATH", other.values["DUCKDB_PATH"])
+        assert manifest_database(manifest_for(project, other)) == "b"
+        parsed = project.manifest_path.stat().st_mtime_ns
+        assert manifest_database(manifest_for(project, other)) == "b"
+        assert project.manifest_path.stat().st_mtime_ns == parsed
+        # a file of the same name elsewhere (each test's own folder): the same database, no parse
+        elsewhere = PlatformSettings(env="local", values={"DUCKDB_PATH": str(tmp_path / "elsewhere" / "b.duckdb")})
+        manifest_for(project, elsewhere)
+        assert project.manifest_path.stat().st_mtime_ns == parsed
+        # rewritten in place (a `dbt parse` by hand, any profile): no longer the one its mark names
+        os.utime(project.manifest_path, (parsed / 1e9 + 5, parsed / 1e9 + 5))
+        assert manifest_is_stale(project, "b.duckdb") and not manifest_is_stale(project)
         assert not requests_seen.exists()
         # the control: a plain `dbt --version` does ask, through the proxy
         plain = subprocess.run([str(Path(sys.executable).parent / "dbt"), "--version"], capture_output=True,
@@ -350,6 +366,28 @@ while True:
         log.write("request\\n")
     conn.close()
 """
+
+
+def test_prod_refuses_a_manifest_parsed_for_another_database(tmp_path):
+    """The image's manifest names the database its build parsed for in every relation: on
+    another REDSHIFT_DB the catalog's table names and dagster-dbt's row counts would name a
+    database that is not there, so the code location refuses to load, naming the build arg."""
+    from dagster_dbt import DbtProject
+
+    from platform_assets.dbt_project import manifest_for
+    from platform_assets.settings import PlatformSettings
+
+    (tmp_path / "dbt_project.yml").write_text("name: tiny\nversion: '1.0.0'\nprofile: tiny\n")
+    project = DbtProject(project_dir=tmp_path, target_path="target/prod")
+    project.manifest_path.parent.mkdir(parents=True)
+    manifest = {"nodes": {"model.tiny.m": {"resource_type": "model", "database": "parse_only", "schema": "marts"}}}
+    project.manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ConfigurationError, match=r"'parse_only' but REDSHIFT_DB is 'analytics'.*"
+                                                 r"--build-arg REDSHIFT_DB=analytics"):
+        manifest_for(project, PlatformSettings(env="prod", values={"REDSHIFT_DB": "analytics"}))
+    # the same database (Redshift folds unquoted names), or none set (the run's preflight says so)
+    for values in ({"REDSHIFT_DB": "parse_only"}, {"REDSHIFT_DB": "PARSE_ONLY"}, {}):
+        assert manifest_for(project, PlatformSettings(env="prod", values=values)) == manifest
 
 
 def test_a_manifest_rewritten_in_place_is_read_whole(tmp_path):
