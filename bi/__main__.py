@@ -30,18 +30,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from platform_assets.settings import REPO_ROOT, ConfigurationError, load_settings
+from platform_assets.settings import REPO_ROOT, ConfigurationError, held, load_settings
 
-from .portal import (
-    PortalConfig,
-    PortalError,
-    create_app,
-    exported_companies,
-    held,
-    read_json,
-    write_accounts,
-    write_private,
-)
+from .portal import PortalConfig, PortalError, create_app, exported_companies, read_json, write_accounts, write_private
 
 # what `up` writes into .local/platform.env for Dagster's dashboards assets, and `down` removes
 SUPERSET_KEYS = ("SUPERSET_URL", "SUPERSET_SERVICE_USER", "SUPERSET_SERVICE_PASSWORD", "SUPERSET_DATABASE_URI",

@@ -20,9 +20,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from platform_assets.settings import env_file_values
+from platform_assets.settings import env_file_values, held
 
-from .portal import held, write_private
+from .portal import write_private
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUPERSET_VENV = Path(os.environ.get("SUPERSET_VENV", REPO_ROOT / ".venv-superset"))

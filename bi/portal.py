@@ -30,7 +30,6 @@ file with its own as-of time in `X-Data-As-Of` (left out when the file does not 
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import hmac
 import html
@@ -43,8 +42,6 @@ import tempfile
 import threading
 import time
 import uuid as uuids
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,15 +100,6 @@ def verify_password(password: str, stored: str) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(expected, digest)
-
-
-@contextmanager
-def held(lock: Path) -> Iterator[None]:
-    """An exclusive lock on the file `lock` while the block runs: two processes starting at once
-    (`make up`, `make bi`) must not each keep secrets of their own while one set reaches the file."""
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def write_private(path: Path, text: str) -> None:

@@ -16,7 +16,7 @@ from .bi import COPY_KEY, bi_definitions
 from .changes import DEFAULT_MAX_GAP_DAYS, DEFAULT_RECENT_DAYS, DailyFacts, changes_sensor, matches_replica_check
 from .checks import replica_lag_check_keys
 from .dbt_assets import SIZING, WAREHOUSE_POOL, PlatformTranslator, build_dbt_assets
-from .dbt_project import dbt_project_for, dbt_resource, manifest_for
+from .dbt_project import dbt_resource, manifest_for, project_for
 from .exports import Exports, build_exports
 from .exposures import (
     Dashboard,
@@ -50,7 +50,7 @@ class Platform:
 
 
 def build_platform(settings: PlatformSettings) -> Platform:
-    dbt_project = dbt_project_for(settings)
+    dbt_project = project_for(settings)
     manifest = manifest_for(dbt_project, settings)
     federated_sources, federated_tables = build_federated_sources(
         manifest, settings.optional("REPLICA_SCHEMA", "app"), settings.max_replica_lag_seconds

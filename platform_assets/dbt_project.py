@@ -18,7 +18,6 @@ stack's database; the first command of a task parses and keeps the state for the
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -29,15 +28,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
 import dagster as dg
 from dagster_dbt import DbtCliResource, DbtProject
 
-from .settings import DBT_PROJECT_DIR, ConfigurationError, PlatformSettings
+from .settings import DBT_PROJECT_DIR, ConfigurationError, PlatformSettings, held
 
 # The environment's own dbt, behind platform-dbt (dbt_launcher.py: `--version` without PyPI)
 # when this project's scripts are installed, whether or not its bin folder is on PATH.
@@ -65,43 +62,22 @@ def project_for(settings: PlatformSettings) -> DbtProject:
     )
 
 
-def dbt_project_for(settings: PlatformSettings) -> DbtProject:
-    """The project for this environment, its manifest parsed (`prepare`) when a project file
-    is newer than it or it was parsed for another warehouse database, in every environment but
-    prod, which loads the manifest `prepare-and-package` built into the image. This stands in
-    for dagster-dbt's prepare_if_dev, whose preparer parses in every run worker of `dagster
-    dev`, changed or not, after a plain `dbt --version` that asks PyPI for the latest releases."""
-    project = project_for(settings)
-    return project if settings.env == "prod" else prepared_if_stale(project, database_setting(settings))
-
-
-def prepared_if_stale(project: DbtProject, database: str | None = None) -> DbtProject:
-    if manifest_is_stale(project, database):
-        with preparing(project):
-            if manifest_is_stale(project, database):
-                prepare(project, database)
-    return project
-
-
-@contextmanager
-def preparing(project: DbtProject) -> Iterator[None]:
-    """One process prepares the environment at a time; those waiting then find it fresh."""
-    target = Path(project.project_dir) / project.target_path
-    target.mkdir(parents=True, exist_ok=True)
-    with open(target / "prepare.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def manifest_for(project: DbtProject, settings: PlatformSettings) -> dict:
-    """The parsed manifest, with this environment's warehouse database in its relations. dbt
-    writes the profile's database into every relation it parses: the catalog's table names
-    and the tables dagster-dbt counts and describes after a build. Locally the manifest is
-    read under the preparation's lock, parsed again first if another database's process
-    published it meanwhile; prod's packaged one must have been built for REDSHIFT_DB."""
+    """The parsed manifest, with this environment's warehouse database in its relations (dbt
+    writes the profile's database into every relation it parses: the catalog's table names,
+    the tables dagster-dbt counts and describes after a build).
+
+    Locally it is read under the preparation's lock, parsed first (`prepare`) when a project
+    file is newer than it or it was parsed for another warehouse database. This stands in for
+    dagster-dbt's prepare_if_dev, whose preparer parses in every run worker of `dagster dev`,
+    changed or not, after a plain `dbt --version` that asks PyPI for the latest releases.
+    Prod loads the manifest `prepare-and-package` built into the image, which must have been
+    built for REDSHIFT_DB."""
     database = database_setting(settings)
     if settings.env != "prod":
-        with preparing(project):
+        target = Path(project.project_dir) / project.target_path
+        target.mkdir(parents=True, exist_ok=True)
+        with held(target / "prepare.lock"):  # one process parses; those waiting then find it fresh
             if manifest_is_stale(project, database):
                 prepare(project, database)
             return read_manifest(project, reparse=True, database=database)

@@ -12,7 +12,10 @@ resources and the dbt processes dagster-dbt starts see the same values as the se
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -57,6 +60,15 @@ class ConfigurationError(ValueError):
 def env_file_values(path: Path) -> dict[str, str]:
     """The KEY=value pairs of a platform.env file (none when it does not exist)."""
     return {k: v for k, v in dotenv_values(path).items() if v is not None} if path.exists() else {}
+
+
+@contextmanager
+def held(lock: Path) -> Iterator[None]:
+    """An exclusive lock on the file `lock` while the block runs: local state that processes
+    starting at once share (the dbt preparation, the BI secrets) is made by one of them."""
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 @dataclass(frozen=True)

@@ -295,7 +295,7 @@ def test_the_preparation_asks_no_registry_and_parses_only_when_stale(tmp_path, m
     for the latest releases, and parses in every run worker of `dagster dev`. The platform's
     preparation runs dbt through platform-dbt (its `--version` asks nothing) and parses only
     when a project file changed since the manifest, under `dagster dev` too."""
-    from platform_assets.dbt_project import manifest_database, manifest_for, manifest_is_stale, prepared_if_stale
+    from platform_assets.dbt_project import manifest_database, manifest_for, manifest_is_stale
     from platform_assets.settings import PlatformSettings
 
     folder = tmp_path / "project"
@@ -314,20 +314,20 @@ def test_the_preparation_asks_no_registry_and_parses_only_when_stale(tmp_path, m
         for name in ("NO_PROXY", "no_proxy"):
             monkeypatch.delenv(name, raising=False)
 
-        prepared_if_stale(project)
+        local = PlatformSettings(env="local", values={"DUCKDB_PATH": str(tmp_path / "a.duckdb")})
+        manifest_for(project, local)
         parsed = project.manifest_path.stat().st_mtime_ns
         assert "model.tiny.a" in json.loads(project.manifest_path.read_text())["nodes"]
-        prepared_if_stale(project)  # nothing changed: no parse
+        manifest_for(project, local)  # nothing changed: no parse
         assert project.manifest_path.stat().st_mtime_ns == parsed
         # a file saved while dbt parsed (after the parse began) leaves the manifest stale
         saved = parsed / 1e9 + 0.5
         os.utime(folder / "models" / "a.sql", (saved, saved))
         assert manifest_is_stale(project)
-        prepared_if_stale(project)
+        manifest_for(project, local)
         assert project.manifest_path.stat().st_mtime_ns > parsed and not manifest_is_stale(project)
         (folder / "models" / "b.sql").write_text("select 2 as b")
-        prepared_if_stale(project)
-        assert "model.tiny.b" in json.loads(project.manifest_path.read_text())["nodes"]
+        assert "model.tiny.b" in manifest_for(project, local)["nodes"]
         # another warehouse (dbt-duckdb's database: the file's name): its relations, parsed again
         assert manifest_database(json.loads(project.manifest_path.read_text())) == "a"
         other = PlatformSettings(env="local", values={"DUCKDB_PATH": str(tmp_path / "b.duckdb")})
