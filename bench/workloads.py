@@ -27,7 +27,7 @@ from localenv.simulator import simulate
 
 from platform_assets.assembly import Platform, build_platform
 from platform_assets.dbt_assets import INDIRECT_SELECTION_TAG, build_args
-from platform_assets.dbt_project import parse_profile_state
+from platform_assets.dbt_project import prepare
 from platform_assets.fingerprints import differing_days
 from platform_assets.settings import DBT_PROJECT_DIR, REPO_ROOT, load_settings
 
@@ -231,7 +231,7 @@ class Bench:
         t0 = time.perf_counter()
         with self.captured():
             platform = build_platform(load_settings())
-            parse_profile_state(platform.project)
+            prepare(platform.project, publish=False)
         self.results.extra.setdefault("platform_load_s", {})[env] = round(time.perf_counter() - t0, 3)
         return platform
 

@@ -8,7 +8,10 @@ step; and a failed step when dbt succeeded without building an asset the step se
 """
 
 import json
+import shutil
 import subprocess
+import time
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,10 +20,14 @@ import dagster as dg
 from dagster_dbt import DbtCliResource, DbtProject
 from dagster_dbt.errors import DagsterDbtCliRuntimeError
 
-from .dbt_project import keep_command_state, prune_run_folders, run_target_path, start_dbt
+from .dbt_project import keep_command_state, start_dbt
 from .preflight import explain_dbt_failure, redact
 from .resources import ReplicaResource, WarehouseResource, quoted, run_preflight, sql_literal
 from .settings import PlatformSettings
+
+# dagster-dbt gives every dbt command a run folder and never removes it (about 3 MB each).
+KEPT_RUN_FOLDERS = 50
+RUN_FOLDER_MIN_AGE_S = 3600
 
 
 def layer_of(props: Mapping[str, Any]) -> str:
@@ -194,3 +201,31 @@ def has_partitions(context: dg.AssetExecutionContext) -> bool:
     """A run of one partition (tag dagster/partition: the UI, a job backfill's run per day)
     or of a range (the range tags: single-run backfills, the changes sensor)."""
     return context.has_partition_key or context.has_partition_key_range
+
+
+def run_target_path(project: DbtProject, context) -> Path:
+    """A fresh folder for one dbt command, under the environment's own `runs/`."""
+    name = f"{context.op_execution_context.op.name}-{context.run.run_id[:7]}-{uuid.uuid4().hex[:7]}"
+    return Path(project.project_dir) / project.target_path / "runs" / name
+
+
+def prune_run_folders(runs_dir: Path, keep: int = KEPT_RUN_FOLDERS,
+                      min_age_s: float = RUN_FOLDER_MIN_AGE_S) -> list[Path]:
+    """Remove the run folders beyond the `keep` most recent, except those used in the last
+    `min_age_s` seconds (another process's dbt command may still be writing there)."""
+    now = time.time()
+    folders = []
+    for folder in runs_dir.iterdir() if runs_dir.is_dir() else ():
+        try:
+            if folder.is_dir():
+                log = folder / "dbt.log"
+                used = max(folder.stat().st_mtime, log.stat().st_mtime if log.exists() else 0)
+                folders.append((used, folder))
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+    removed = []
+    for used, folder in sorted(folders, reverse=True)[keep:]:
+        if now - used >= min_age_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

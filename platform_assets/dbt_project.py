@@ -2,18 +2,12 @@
 
 One resolved environment feeds both the parsed manifest and the dbt resource, so the graph
 that is parsed is the graph that runs. Each environment parses into its own target folder
-(`target/<env>`). Every dbt command starts from a partial-parse state, which dbt uses only
-with the connection settings it was parsed with (dbt's "profile has changed": a full parse,
-~5 s, on every command). So the state is kept per connection profile,
-`target/<env>/parse-states/<key>.msgpack`, the key a hash of the connection variables
-profiles.yml reads (passwords left out, as dbt leaves them out of its own check): seeded by
-the preparation's state, copied into each command's run folder (where dbt reads it, and
-rewrites it when parsing changed anything), and replaced after the command by what that
-folder holds. Two deployments of one environment (another DUCKDB_PATH, the tests'
-warehouses) no longer make each other's commands parse in full. The manifest names the
-warehouse database in every relation, so a load with another one parses it again
-(manifest_for). In production the image's state was parsed with placeholders but the
-stack's database; the first command of a task parses and keeps the state for the next ones.
+(`target/<env>`). dbt uses a partial-parse state only with the connection settings it was
+parsed with, so the state is kept per connection profile (`target/<env>/parse-states/<key>
+.msgpack`, the key a hash of the connection variables profiles.yml reads, passwords left
+out): each command starts from its profile's state and leaves the one it ends with. The
+manifest names the warehouse database in every relation, so a load with another one parses
+it again (manifest_for).
 """
 
 from __future__ import annotations
@@ -42,9 +36,6 @@ _BIN = Path(sys.executable).parent
 DBT_EXECUTABLE = next((str(p) for p in (_BIN / "platform-dbt", _BIN / "dbt") if p.exists()), "dbt")
 PROJECT_FOLDERS = ("models", "macros", "snapshots", "tests", "seeds", "analyses")
 PROJECT_FILES = ("dbt_project.yml", "profiles.yml", "packages.yml")
-# dagster-dbt gives every dbt command a run folder and never removes it (about 3 MB each).
-KEPT_RUN_FOLDERS = 50
-RUN_FOLDER_MIN_AGE_S = 3600
 # parse states (about 1 MB each) of the most recently used connection profiles
 KEPT_PARSE_STATES = 20
 PARSE_STATE = "partial_parse.msgpack"
@@ -108,18 +99,11 @@ def database_setting(settings: PlatformSettings) -> str | None:
     return settings.optional({"postgres": "WAREHOUSE_PG_DB", "redshift": "REDSHIFT_DB"}[settings.engine])
 
 
-def prepare(project: DbtProject, database: str | None = None) -> None:
-    """One `dbt parse` through platform-dbt in a folder of its own: its parse state becomes this
-    profile's, then its state and manifest replace the environment's, each by an atomic rename
-    (a loading process never meets a half-written manifest), the manifest last. `database`:
-    the warehouse setting it parses with (database_setting), kept beside it."""
-    parse_profile_state(project, publish=True, database=database)
-
-
-def parse_profile_state(project: DbtProject, publish: bool = False, database: str | None = None) -> None:
-    """A `dbt parse` in a folder of its own, whose parse state becomes this profile's; with
-    `publish` (the preparation), its manifest, state and `database` then replace the
-    environment's, each by an atomic rename, the manifest last (its time marks them fresh)."""
+def prepare(project: DbtProject, database: str | None = None, publish: bool = True) -> None:
+    """One `dbt parse` through platform-dbt in a folder of its own, whose parse state becomes
+    this profile's. With `publish` (the preparation) its manifest, state and `database` (the
+    warehouse setting it parsed with, database_setting) then replace the environment's, each
+    by an atomic rename, the manifest last: a loading process never meets a half-written one."""
     target = Path(project.project_dir) / project.target_path
     runs = target / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -175,7 +159,7 @@ def seed_parse_state(project: DbtProject, folder: Path) -> None:
 
 
 def read_manifest(project: DbtProject, attempts: int = 40, reparse: bool = False,
-                  database: str | None = None) -> dict:
+                  database: str | None = None, parsed_again: bool = False) -> dict:
     """The parsed manifest. The preparation replaces it by a rename, but a `dbt parse` run by
     hand into the environment's target folder writes it in place: a read that meets it
     half-written waits a moment and reads again. One still cut short after that
@@ -190,12 +174,16 @@ def read_manifest(project: DbtProject, attempts: int = 40, reparse: bool = False
         return json.loads(project.manifest_path.read_text())
     except json.JSONDecodeError as exc:
         problem = f"{project.manifest_path} is not whole JSON after {(attempts - 1) * 0.25:g} s ({exc})"
+        if parsed_again:
+            raise ValueError(f"{problem}, although the project was just parsed again: is a `dbt parse`"
+                             " by hand writing into that folder?") from exc
         if not reparse:
             raise ValueError(f"{problem}: a dbt parse stopped while writing it? Build the image again"
                              " (`dagster-dbt project prepare-and-package`).") from exc
         logging.getLogger(__name__).warning(f"{problem}: a dbt parse stopped while writing it; parsing again")
     prepare(project, database)
-    return read_manifest(project, attempts)  # a `dbt parse` by hand may be rewriting it already
+    # a `dbt parse` by hand may be rewriting it already
+    return read_manifest(project, attempts, database=database, parsed_again=True)
 
 
 def prepared_state_path(project: DbtProject) -> Path:
@@ -285,31 +273,3 @@ def dbt_resource(project: DbtProject) -> DbtCliResource:
         target=project.target,
         dbt_executable=DBT_EXECUTABLE,
     )
-
-
-def run_target_path(project: DbtProject, context) -> Path:
-    """A fresh folder for one dbt command, under the environment's own `runs/`."""
-    name = f"{context.op_execution_context.op.name}-{context.run.run_id[:7]}-{uuid.uuid4().hex[:7]}"
-    return Path(project.project_dir) / project.target_path / "runs" / name
-
-
-def prune_run_folders(runs_dir: Path, keep: int = KEPT_RUN_FOLDERS,
-                      min_age_s: float = RUN_FOLDER_MIN_AGE_S) -> list[Path]:
-    """Remove the run folders beyond the `keep` most recent, except those used in the last
-    `min_age_s` seconds (another process's dbt command may still be writing there)."""
-    now = time.time()
-    folders = []
-    for folder in runs_dir.iterdir() if runs_dir.is_dir() else ():
-        try:
-            if folder.is_dir():
-                log = folder / "dbt.log"
-                used = max(folder.stat().st_mtime, log.stat().st_mtime if log.exists() else 0)
-                folders.append((used, folder))
-        except FileNotFoundError:  # removed by another process meanwhile
-            continue
-    removed = []
-    for used, folder in sorted(folders, reverse=True)[keep:]:
-        if now - used >= min_age_s:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed

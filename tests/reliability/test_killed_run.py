@@ -252,7 +252,7 @@ def _courses_read_waiting(pg_env) -> bool:
 
 def _dbt_processes(run_id: str) -> list[psutil.Process]:
     """The live dbt processes of a run: dagster-dbt hands each its own target folder, named
-    after the run (dbt_project.run_target_path), in DBT_TARGET_PATH."""
+    after the run (dbt_command.run_target_path), in DBT_TARGET_PATH."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
