@@ -22,8 +22,9 @@ import requests
 
 from bi import dashboards
 from bi.__main__ import _servers, portal_environ
+from bi.export_store import export_store
 from bi.local import SERVICE_USER, load_or_create_secrets
-from bi.portal import EMBEDDED_EXPOSURE, exported_companies
+from bi.portal import EMBEDDED_EXPOSURE
 from bi.superset_api import SupersetClient
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,7 +38,8 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> int:
     n_companies = int(os.environ.get("COMPANIES", "20"))
     rounds = int(os.environ.get("ROUNDS", "5"))
-    superset, portal = _servers(portal_environ())
+    env = portal_environ()
+    superset, portal = _servers(env)
     if not superset.running_pid():
         raise SystemExit("Superset is not running: `make demo` (or `make bi`) first")
     provisioned = json.loads((superset.home / "provisioned.json").read_text())
@@ -45,7 +47,7 @@ def main() -> int:
         "SUPERSET_SERVICE_PASSWORD"])
     embedded = provisioned["embedded"][EMBEDDED_EXPOSURE]
     dashboard = dashboards.by_exposure()[EMBEDDED_EXPOSURE]
-    ids = exported_companies(portal.export_root)[:n_companies]
+    ids = export_store(portal.export_uri, env).companies()[:n_companies]
     tokens = {cid: client.guest_token(embedded, f"bench-{cid}", f"company_id = {cid}") for cid in ids}
 
     def body(chart) -> dict:

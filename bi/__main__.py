@@ -32,7 +32,8 @@ from pathlib import Path
 
 from platform_assets.settings import REPO_ROOT, ConfigurationError, held, load_settings
 
-from .portal import PortalConfig, PortalError, create_app, exported_companies, read_json, write_accounts, write_private
+from .export_store import export_store
+from .portal import PortalConfig, PortalError, create_app, read_json, write_accounts, write_private
 
 # what `up` writes into .local/platform.env for Dagster's dashboards assets, and `down` removes
 SUPERSET_KEYS = ("SUPERSET_URL", "SUPERSET_SERVICE_USER", "SUPERSET_SERVICE_PASSWORD", "SUPERSET_DATABASE_URI",
@@ -75,7 +76,7 @@ def _servers(env: dict[str, str]):
     origins = (f"http://127.0.0.1:{portal_port}", f"http://localhost:{portal_port}")
     superset = SupersetServer(home, superset_port, portal_origins=origins,
                               workers=int(env.get("SUPERSET_WORKERS", "2")))
-    portal = PortalServer(Path(env["PORTAL_HOME"]), portal_port, superset, Path(env["EXPORT_URI"]))
+    portal = PortalServer(Path(env["PORTAL_HOME"]), portal_port, superset, env["EXPORT_URI"])
     return superset, portal
 
 
@@ -160,7 +161,7 @@ def up(env: dict[str, str], announce: bool = True) -> int:
         client.invalidate(Provisioned(**{k: v for k, v in previous.items() if k != "digest"}),
                           f"BI copy published {datetime.now(UTC).isoformat(timespec='seconds')}")
         print("  cached chart results of the previous copy dropped")
-    companies = exported_companies(portal.export_root)
+    companies = export_store(portal.export_uri, env).companies()
     created = write_accounts(portal.home, companies)
     portal.start()
     print(f"  portal serving at {portal.url} ({len(companies)} company accounts, {len(created)} new)")
@@ -227,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             return {"up": up, "down": down, "status": status}[args.command](env)
         config = PortalConfig.from_env(env)
         if args.command == "accounts":
-            companies = exported_companies(config.export_root)
+            companies = config.exports.companies()
             if not companies:
-                print(f"no company exports under {config.export_root} yet: `make demo` writes them", file=sys.stderr)
+                print(f"no company exports under {config.exports} yet: `make demo` writes them", file=sys.stderr)
                 return 1
             created = write_accounts(config.home, companies)
             print(f"portal accounts: {len(companies)} companies, {len(created)} new"

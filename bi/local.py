@@ -216,14 +216,14 @@ class PortalServer(LocalServer):
     home: Path  # PORTAL_HOME: the accounts, the session key, the log and the pid
     port: int
     superset: SupersetServer
-    export_root: Path
+    export_uri: str  # EXPORT_URI: a local folder or s3://bucket/prefix
     name = "portal"
 
     def environ(self) -> dict[str, str]:
         s = load_or_create_secrets(self.superset.home)
         return {**inherited("PORTAL_", "SUPERSET_"),
                 "PORTAL_HOME": str(self.home), "PORTAL_HOST": "127.0.0.1", "PORTAL_PORT": str(self.port),
-                "EXPORT_URI": str(self.export_root), "SUPERSET_URL": self.superset.url,
+                "EXPORT_URI": self.export_uri, "SUPERSET_URL": self.superset.url,
                 "SUPERSET_SERVICE_USER": SERVICE_USER, "SUPERSET_SERVICE_PASSWORD": s["SUPERSET_SERVICE_PASSWORD"],
                 "SUPERSET_PROVISIONED": str(self.superset.home / "provisioned.json")}
 

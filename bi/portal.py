@@ -24,12 +24,11 @@ Exports: `GET /api/exports/<company_id>/training_report.csv|parquet` answers 401
 session, 403 for another company's id, 404 for anything but a plain company id and a known
 file name (the path is built from the session's integer and a fixed name, never from the
 request's text, and must stay inside EXPORT_URI once symlinks are resolved), and streams the
-file with its own as-of time in `X-Data-As-Of` (left out when the file does not say).
-"""
+file with its own as-of time in `X-Data-As-Of` (left out when the file does not say). An
+s3:// EXPORT_URI (production) is read from S3 (bi/export_store.py)."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import hmac
 import html
@@ -43,26 +42,32 @@ import threading
 import time
 import uuid as uuids
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 import anyio
 import anyio.to_thread
-import duckdb
 import requests
+from botocore.exceptions import BotoCoreError, ClientError
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 
-from platform_assets.export_writers import DATA_AS_OF, REPORT_NAME
-
 from .dashboards import COMPANY_COLUMN, by_exposure
+from .export_store import EXPORT_FILES, ExportChanged, LocalExports, S3Exports, export_store
 from .superset_api import SupersetClient, SupersetError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,10 +75,7 @@ SDK_BUNDLE = REPO_ROOT / "bi" / "embed" / "node_modules" / "@superset-ui" / "emb
 EMBEDDED_EXPOSURE = "customer_training_dashboard"
 LOOKUP_SECONDS = 30  # how long the portal trusts Superset's answer about the embedded dashboard
 
-EXPORT_FILES = {f"{REPORT_NAME}.parquet": "application/vnd.apache.parquet",
-                f"{REPORT_NAME}.csv": "text/csv; charset=utf-8"}
 _COMPANY_ID = re.compile(r"[1-9][0-9]{0,18}")
-_COMPANY_FOLDER = re.compile(r"company_id=([1-9][0-9]{0,18})")
 SSO_MAX_AGE_S = 60
 SESSION_MAX_AGE_S = 8 * 3600
 MAX_LOGIN_BODY = 4096
@@ -150,56 +152,6 @@ def write_accounts(home: Path, company_ids: list[int]) -> dict[str, str]:
     return created
 
 
-def exported_companies(export_root: Path) -> list[int]:
-    """The companies with an export folder under `export_root` (not a symlink), in numeric order."""
-    if not export_root.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in export_root.iterdir()
-                  if not p.is_symlink() and p.is_dir() and (m := _COMPANY_FOLDER.fullmatch(p.name)))
-
-
-def _iso_utc(value: str) -> str | None:
-    try:
-        moment = datetime.fromisoformat(value)
-        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
-    except (ValueError, OverflowError):
-        return None
-
-
-def _csv_as_of(path: Path) -> str | None:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
-        first = next(reader, None)  # an export with no rows says nothing
-    if first is None or DATA_AS_OF not in header or len(first) != len(header):
-        return None
-    return first[header.index(DATA_AS_OF)]
-
-
-def _parquet_as_of(path: Path) -> str | None:
-    if any(c in str(path) for c in "*?[{"):  # DuckDB would read the path as a pattern
-        log.warning(f"no as-of time from {path}: its path holds a glob character")
-        return None
-    con = duckdb.connect()
-    try:
-        row = con.execute("select value from parquet_kv_metadata(?) where key = ?", [str(path), DATA_AS_OF]).fetchone()
-    finally:
-        con.close()
-    return row[0].decode("utf-8") if row and row[0] is not None else None
-
-
-def export_as_of(path: Path) -> str | None:
-    """The file's own `data_as_of`: the Parquet file's key/value metadata, the CSV file's first
-    row (the exporter writes one and then the other, so each says its own). None when the file
-    does not say or cannot be read: the header is then left out, the download still served."""
-    try:
-        value = _parquet_as_of(path) if path.suffix == ".parquet" else _csv_as_of(path)
-    except (duckdb.Error, OSError, UnicodeDecodeError, csv.Error) as exc:
-        log.warning(f"no as-of time from {path}: {exc}")
-        return None
-    return _iso_utc(value) if value else None
-
-
 # -- settings ---------------------------------------------------------------------------------
 EMBED_VARIABLES = ("SUPERSET_SERVICE_USER", "SUPERSET_SERVICE_PASSWORD", "SUPERSET_PROVISIONED")
 
@@ -230,7 +182,7 @@ class EmbedConfig:
 @dataclass(frozen=True)
 class PortalConfig:
     home: Path  # accounts.json
-    export_root: Path
+    exports: LocalExports | S3Exports  # where EXPORT_URI points
     session_secret: str = field(repr=False)
     sso_secret: str | None = field(default=None, repr=False)
     https_only: bool = False
@@ -242,16 +194,17 @@ class PortalConfig:
         missing = [name for name in ("PORTAL_HOME", "EXPORT_URI", "PORTAL_SESSION_SECRET") if name not in env]
         if missing:
             raise PortalError(f"the portal needs {', '.join(missing)} (make portal sets them locally)")
-        if env["EXPORT_URI"].startswith("s3://"):
-            raise PortalError(f"EXPORT_URI={env['EXPORT_URI']!r}: the portal serves exports from a local folder "
-                              "only so far (deploy/README.md, the customer portal)")
         for name in ("PORTAL_SESSION_SECRET", "PORTAL_SSO_SECRET"):
             if name in env and len(env[name]) < MIN_SECRET_LENGTH:
                 raise PortalError(f"{name} is shorter than {MIN_SECRET_LENGTH} characters")
         https_only = env.get("PORTAL_HTTPS_ONLY", "false")
         if https_only not in ("true", "false"):
             raise PortalError(f"PORTAL_HTTPS_ONLY={https_only!r}: use true or false")
-        return cls(home=Path(env["PORTAL_HOME"]), export_root=Path(env["EXPORT_URI"]),
+        try:
+            exports = export_store(env["EXPORT_URI"], env)
+        except ValueError as exc:
+            raise PortalError(str(exc)) from None
+        return cls(home=Path(env["PORTAL_HOME"]), exports=exports,
                    session_secret=env["PORTAL_SESSION_SECRET"], sso_secret=env.get("PORTAL_SSO_SECRET"),
                    https_only=https_only == "true", embed=EmbedConfig.from_env(env))
 
@@ -466,17 +419,31 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
             return JSONResponse({"error": "no such export"}, status_code=404)
         if int(requested) != company_id:
             return JSONResponse({"error": "not your company's export"}, status_code=403)
-        folder = config.export_root / f"company_id={company_id}"
-        path = folder / name
-        # a symlink must lead neither out of the export folder nor into another company's
-        if not path.is_file() or path.resolve().parent != config.export_root.resolve() / folder.name:
-            return JSONResponse({"error": "no export yet"}, status_code=404)
+        try:
+            for attempt in range(2):
+                found = await anyio.to_thread.run_sync(config.exports.find, company_id, name)
+                if found is None:
+                    return JSONResponse({"error": "no export yet"}, status_code=404)
+                if found.path is not None:
+                    break
+                try:
+                    chunks = await anyio.to_thread.run_sync(config.exports.chunks, found)
+                    break
+                except ExportChanged:  # replaced by a new export meanwhile: describe the new one
+                    if attempt:
+                        raise
+        except (ExportChanged, BotoCoreError, ClientError) as exc:
+            log.error(f"export {name} of company {company_id}: {exc}")
+            return JSONResponse({"error": "the exports cannot be read now; try again later"}, status_code=503)
         headers = dict(PRIVATE)
-        if as_of := await anyio.to_thread.run_sync(export_as_of, path):
-            headers["X-Data-As-Of"] = as_of
-        # FileResponse sends the file in chunks: a large export never sits in memory.
-        return FileResponse(path, media_type=EXPORT_FILES[name], filename=f"company_{company_id}_{name}",
-                            headers=headers)
+        if found.as_of:
+            headers["X-Data-As-Of"] = found.as_of
+        filename = f"company_{company_id}_{name}"
+        if found.path is not None:
+            # FileResponse sends the file in chunks: a large export never sits in memory.
+            return FileResponse(found.path, media_type=EXPORT_FILES[name], filename=filename, headers=headers)
+        headers.update({"Content-Length": str(found.size), "Content-Disposition": f'attachment; filename="{filename}"'})
+        return StreamingResponse(chunks, media_type=EXPORT_FILES[name], headers=headers)
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("OK")

@@ -94,7 +94,7 @@ def bi_stack(pg_env, tmp_path_factory) -> Iterator[BiStack]:
     started = time.monotonic()
     superset.start(timeout=240)
     print(f"\nsuperset initialised and serving in {time.monotonic() - started:.1f}s")
-    portal = PortalServer(folder / "portal", portal_port, superset, exports)
+    portal = PortalServer(folder / "portal", portal_port, superset, str(exports))
     try:
         client, provisioned = provision(superset, copy, [portal_origin])
         accounts = write_accounts(portal.home, companies)

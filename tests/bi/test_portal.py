@@ -283,7 +283,9 @@ def test_portal_settings_are_checked_and_named(tmp_path):
     for extra, named in (({"PORTAL_HTTPS_ONLY": "1"}, "PORTAL_HTTPS_ONLY='1'"),
                          ({"PORTAL_SSO_SECRET": "short"}, "PORTAL_SSO_SECRET is shorter"),
                          ({"PORTAL_SESSION_SECRET": "short"}, "PORTAL_SESSION_SECRET is shorter"),
-                         ({"EXPORT_URI": "s3://bucket/exports"}, "EXPORT_URI='s3://bucket/exports'"),
+                         ({"EXPORT_URI": "s3://"}, "EXPORT_URI='s3://' names no bucket"),
+                         ({"EXPORT_URI": "ftp://host/exports"}, "EXPORT_URI='ftp://host/exports' must be"),
+                         ({"EXPORT_S3_USE_SSL": "maybe"}, "EXPORT_S3_USE_SSL='maybe'"),
                          ({"PORTAL_HOME": ""}, "PORTAL_HOME"),
                          ({"SUPERSET_URL": "http://127.0.0.1:1"}, "SUPERSET_SERVICE_USER, SUPERSET_SERVICE_PASSWORD")):
         with pytest.raises(PortalError, match=re.escape(named)):
@@ -417,7 +419,7 @@ def test_accounts_are_made_per_exported_company_and_kept(portal, tmp_path, monke
     assert again.stdout.strip() == f"portal accounts: {len(companies)} companies, 0 new"
     assert json.loads((home / "accounts.json").read_text()) == accounts
 
-    for extra, named in (({"EXPORT_URI": "s3://bucket/exports"}, "EXPORT_URI='s3://bucket/exports'"),
+    for extra, named in (({"EXPORT_URI": "ftp://host/exports"}, "EXPORT_URI='ftp://host/exports'"),
                          ({"PORTAL_PORT": "http"}, "PORTAL_PORT='http'")):
         with monkeypatch.context() as patched:
             for name, value in {**env, **extra}.items():

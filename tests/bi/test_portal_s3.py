@@ -1,0 +1,167 @@
+"""The portal's export API over S3, as production keeps the exports (Redshift UNLOAD), against
+moto's S3 server: the platform's own exporter writes through DuckDB's httpfs, an UNLOAD-named
+object (`training_report_000.*`, no Parquet key/value metadata) replaces one company's, and
+the real portal (`python -m bi serve`) serves each company its newest object byte-for-byte
+with its as-of time, refuses the rest, and answers 503 while S3 does not."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import boto3
+import duckdb
+import pytest
+import requests
+from moto.server import ThreadedMotoServer
+
+from bi.export_store import ExportChanged, _csv_first_row_as_of, export_store
+from bi.portal import write_accounts
+from platform_assets.export_writers import ExportTarget, duckdb_exporter, relations_from_manifest
+
+from ..conftest import free_port
+from ..platform.test_exports import AS_OF, MANIFEST, _company_ids, build_warehouse
+from .test_portal import _raw_get, start_portal
+
+BUCKET = "customer-exports"
+ROOT = f"s3://{BUCKET}/exports/v1"
+LATER = "2026-03-02T07:45:00+00:00"  # the as-of time of the UNLOAD-named objects
+
+
+def _wait_for(url: str, process, log) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "the portal did not answer /health in 60 s"
+        time.sleep(0.2)
+
+
+def _unload_like(source: str, dest: str, fmt: str) -> None:
+    """A company's report as UNLOAD writes it: the same columns, this time's as-of in the
+    data_as_of column, no key/value metadata."""
+    con = duckdb.connect()
+    try:
+        con.execute(f"COPY (select * replace (cast('{LATER[:19].replace('T', ' ')}' as timestamp) as data_as_of)"
+                    f" from read_parquet(?)) TO '{dest}' (FORMAT {fmt}{', HEADER true' if fmt == 'csv' else ''})",
+                    [source])
+    finally:
+        con.close()
+
+
+def test_exports_on_s3_are_served_to_their_company_only(tmp_path):
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    process, running = None, True
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"{host}:{port}"
+        s3 = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        s3.create_bucket(Bucket=BUCKET)
+        s3_env = {"EXPORT_URI": ROOT, "EXPORT_S3_ENDPOINT": endpoint, "EXPORT_S3_URL_STYLE": "path",
+                  "EXPORT_S3_USE_SSL": "false", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_REGION": "us-east-1"}
+        ids = _company_ids()
+        a, b = ids[0], ids[-1]  # a small id and the largest bigint
+        build_warehouse(tmp_path / "warehouse.duckdb", [a, b])
+        target = ExportTarget(root=ROOT, s3_endpoint=endpoint, s3_url_style="path", s3_use_ssl=False,
+                              s3_key_id="testing", s3_secret="testing")
+        with duckdb_exporter([f"ATTACH '{tmp_path / 'warehouse.duckdb'}' AS wh (READ_ONLY)"],
+                             relations_from_manifest(MANIFEST), target) as export:
+            export(a, AS_OF)
+            export(b, AS_OF)
+        time.sleep(1.1)  # S3 dates objects to the second: the UNLOAD-named ones are newer
+        plain = tmp_path / "b.parquet"
+        s3.download_file(BUCKET, f"exports/v1/company_id={b}/training_report.parquet", str(plain))
+        for ext in ("parquet", "csv"):
+            _unload_like(str(plain), str(tmp_path / f"b_000.{ext}"), ext)
+            key = f"exports/v1/company_id={b}/training_report_000.{ext}"
+            s3.upload_file(str(tmp_path / f"b_000.{ext}"), BUCKET, key)
+        # not a company: a stray object and a folder that is no company id
+        s3.put_object(Bucket=BUCKET, Key="exports/v1/readme.txt", Body=b"x")
+        s3.put_object(Bucket=BUCKET, Key="exports/v1/company_id=0/training_report.csv", Body=b"x")
+
+        store = export_store(ROOT, s3_env)
+        assert store.companies() == [a, b]
+
+        home = tmp_path / "portal"
+        passwords = write_accounts(home, [a, b])
+        url_port = free_port()
+        log = tmp_path / "portal.log"
+        process = start_portal({**s3_env, "PORTAL_HOME": str(home), "PORTAL_PORT": str(url_port),
+                                "PORTAL_SESSION_SECRET": "s" * 48}, log)
+        url = f"http://127.0.0.1:{url_port}"
+        _wait_for(url, process, log)
+
+        def signed_in(company_id: int) -> requests.Session:
+            session = requests.Session()
+            user = f"company-{company_id}"
+            r = session.post(f"{url}/login", data={"username": user, "password": passwords[user]},
+                             allow_redirects=False, timeout=30)
+            assert r.status_code == 303, r.text
+            return session
+
+        def stored(company_id: int, name: str) -> bytes:
+            return s3.get_object(Bucket=BUCKET, Key=f"exports/v1/company_id={company_id}/{name}")["Body"].read()
+
+        csv = "training_report.csv"
+        assert requests.get(f"{url}/api/exports/{a}/{csv}", timeout=30).status_code == 401
+        session = signed_in(a)
+        for name in ("training_report.csv", "training_report.parquet"):
+            with session.get(f"{url}/api/exports/{a}/{name}", stream=True, timeout=60) as r:
+                assert r.status_code == 200, r.text
+                assert r.content == stored(a, name)
+                assert r.headers["X-Data-As-Of"] == AS_OF.isoformat()
+                assert r.headers["Cache-Control"] == "private, no-store"
+                assert f'filename="company_{a}_{name}"' in r.headers["content-disposition"]
+        assert session.get(f"{url}/api/exports/{b}/{csv}", timeout=30).status_code == 403
+        cookie = session.cookies["portal_session"]
+        other = stored(b, csv)
+        for path in (f"/api/exports/{a}/../{b}/{csv}", f"/api/exports/{a}/..%2F{b}%2F{csv}",
+                     f"/api/exports/{a}/training_report_000.csv", f"/api/exports/{a}/readme.txt",
+                     f"/api/exports/{a}%2F..%2Fcompany_id={b}/{csv}", f"/api/exports/0{a}/{csv}"):
+            status, body = _raw_get(url, path, cookie)
+            assert status in (400, 403, 404), (path, status)
+            assert other not in body, path
+
+        # company B: the newer, UNLOAD-named objects, their as-of time from the rows themselves
+        session_b = signed_in(b)
+        for name in ("training_report.csv", "training_report.parquet"):
+            r = session_b.get(f"{url}/api/exports/{b}/{name}", timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.content == stored(b, name.replace(".", "_000.")) != stored(b, name)
+            assert r.headers["X-Data-As-Of"] == LATER, name
+
+        # an export replaced between its description and its body is not sent with the old as-of
+        found = store.find(a, csv)
+        s3.put_object(Bucket=BUCKET, Key=f"exports/v1/company_id={a}/{csv}", Body=stored(b, csv))
+        with pytest.raises(ExportChanged):
+            store.chunks(found)
+
+        server.stop()  # S3 unreachable: the portal says so, it does not fail with a traceback
+        running = False
+        r = session.get(f"{url}/api/exports/{a}/{csv}", timeout=120)
+        assert r.status_code == 503 and "try again later" in r.text
+        assert "Traceback" not in log.read_text()
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=30)
+        if running:
+            server.stop()
+
+
+def test_a_csv_first_row_cut_by_the_range_read_gives_no_as_of():
+    header = "company_id,name,data_as_of\n"
+    row = '1,"a\nb",2026-03-01 06:30:00\n'
+    assert _csv_first_row_as_of(io.StringIO(header + row, newline=""), whole=True) == "2026-03-01 06:30:00"
+    # the range ended inside the first row: its last field may be cut ("2026-03-01 06")
+    assert _csv_first_row_as_of(io.StringIO(header + row[:-7], newline=""), whole=False) is None
+    # a second row (even cut) proves the first one whole
+    assert _csv_first_row_as_of(io.StringIO(header + row + "2,c", newline=""), whole=False) == "2026-03-01 06:30:00"
+    assert _csv_first_row_as_of(io.StringIO(header, newline=""), whole=True) is None
