@@ -70,7 +70,8 @@ def portal_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
 def _servers(env: dict[str, str]):
     from .local import PortalServer, SupersetServer
 
-    home = Path(env.get("LOCAL_DIR") or REPO_ROOT / ".local").resolve() / "bi"
+    # LOCAL_DIR as the platform reads it (`.local/platform.env` included), like PORTAL_HOME's
+    home = Path(load_settings(env).optional("LOCAL_DIR") or REPO_ROOT / ".local").resolve() / "bi"
     home.mkdir(parents=True, exist_ok=True)
     superset_port, portal_port = int(env.get("SUPERSET_PORT", "8088")), int(env.get("PORTAL_PORT", "8090"))
     origins = (f"http://127.0.0.1:{portal_port}", f"http://localhost:{portal_port}")

@@ -16,7 +16,6 @@ import csv
 import io
 import logging
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,11 +80,10 @@ def _parquet_as_of(location: str, secret_sql: str | None = None) -> str | None:
         return None
     con = duckdb.connect()
     try:
-        if secret_sql:
-            from platform_assets.federation import HTTPFS_EXTENSION, ensure_duckdb_extension
-
-            ensure_duckdb_extension(HTTPFS_EXTENSION)
-            con.execute(f"LOAD {HTTPFS_EXTENSION}")
+        if secret_sql:  # S3: the extension was installed when the store started
+            con.execute("LOAD httpfs")
+            con.execute("SET http_timeout = 10")  # seconds; DuckDB's default is 30, retried 3 times
+            con.execute("SET http_retries = 1")
             con.execute(secret_sql)
         row = con.execute("select value from parquet_kv_metadata(?) where key = ?", [location, DATA_AS_OF]).fetchone()
         if row and row[0] is not None:
@@ -140,62 +138,66 @@ class S3Exports:
         import boto3
         from botocore.config import Config
 
+        from platform_assets.federation import HTTPFS_EXTENSION, ensure_duckdb_extension
+
         self.target = target
-        self.bucket, _, prefix = target.root.removeprefix("s3://").partition("/")
-        self.prefix = prefix.strip("/")
+        self.bucket = target.root.removeprefix("s3://").partition("/")[0]
+        # where the company folders start, exactly as the exporter names them ("" at the root)
+        self.prefix = self._folder(1).removesuffix("company_id=1/")
         endpoint = f"{'https' if target.s3_use_ssl else 'http'}://{target.s3_endpoint}" if target.s3_endpoint else None
-        style = "path" if target.s3_url_style == "path" else "virtual"
+        style = "path" if target.s3_url_style == "path" else "auto"
         # the AWS_* settings given (as the exporter takes them), else boto3's default chain
         self.session = boto3.Session(aws_access_key_id=target.s3_key_id, aws_secret_access_key=target.s3_secret,
                                      aws_session_token=target.s3_session_token, region_name=target.s3_region)
-        self.client = self.session.client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": style}))
+        # short timeouts: a stalled S3 must not hold the portal's threads for minutes
+        self.client = self.session.client("s3", endpoint_url=endpoint, config=Config(
+            s3={"addressing_style": style}, connect_timeout=5, read_timeout=30,
+            retries={"mode": "standard", "max_attempts": 3}))
+        ensure_duckdb_extension(HTTPFS_EXTENSION)  # at start, never by a request
 
     def __str__(self) -> str:
         return self.target.root
 
+    def _folder(self, company_id: int) -> str:
+        """The key prefix of a company's objects (company_prefix checks the integer)."""
+        return company_prefix(self.target.root, company_id).removeprefix(f"s3://{self.bucket}/") + "/"
+
     def companies(self) -> list[int]:
         found = set()
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "", Delimiter="/")
+            Bucket=self.bucket, Prefix=self.prefix, Delimiter="/")
         for page in pages:
             for entry in page.get("CommonPrefixes", []):
-                if m := _COMPANY_FOLDER.fullmatch(entry["Prefix"].rstrip("/").rsplit("/", 1)[-1]):
+                if m := _COMPANY_FOLDER.fullmatch(entry["Prefix"].removeprefix(self.prefix).rstrip("/")):
                     found.add(int(m.group(1)))
         return sorted(found)
 
-    def _key(self, company_id: int, file_name: str) -> str:
-        # company_prefix checks the integer; the root's "s3://bucket/" is not part of the key
-        return company_prefix(self.target.root, company_id).removeprefix(f"s3://{self.bucket}/") + "/" + file_name
-
     def find(self, company_id: int, name: str) -> ExportFile | None:
+        """The newer of `name` and UNLOAD's `<stem>_000.<ext>` (UNLOAD's on a tie: production's
+        writer), from one listing: it dates objects to the millisecond, and a key that does not
+        exist is simply not listed (a HEAD of it answers 403 to a role without s3:ListBucket)."""
         stem, ext = name.rsplit(".", 1)
-        newest = None
-        for key in (self._key(company_id, name), self._key(company_id, f"{stem}_000.{ext}")):
-            try:
-                head = self.client.head_object(Bucket=self.bucket, Key=key)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    continue
-                raise
-            if newest is None or head["LastModified"] > newest[1]["LastModified"]:
-                newest = (key, head)
-        if newest is None:
+        folder = self._folder(company_id)
+        rank = {folder + name: 0, f"{folder}{stem}_000.{ext}": 1}
+        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=folder + stem)
+        objects = [o for o in listed.get("Contents", []) if o["Key"] in rank]
+        if not objects:
             return None
-        key, head = newest
+        newest = max(objects, key=lambda o: (o["LastModified"], rank[o["Key"]]))
+        key, etag, size = newest["Key"], newest["ETag"], int(newest["Size"])
         try:
-            value = self._as_of(key, ext, head)
+            value = self._as_of(key, ext, etag, size)
         except (duckdb.Error, OSError, UnicodeDecodeError, csv.Error, BotoCoreError, ClientError) as exc:
             log.warning(f"no as-of time from s3://{self.bucket}/{key}: {exc}")
             value = None
-        return ExportFile(name=name, as_of=_iso_utc(value) if value else None, key=key, etag=head["ETag"],
-                          size=int(head["ContentLength"]))
+        return ExportFile(name=name, as_of=_iso_utc(value) if value else None, key=key, etag=etag, size=size)
 
-    def _as_of(self, key: str, ext: str, head: dict) -> str | None:
+    def _as_of(self, key: str, ext: str, etag: str, size: int) -> str | None:
         if ext == "csv":
-            body = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=head["ETag"],
+            body = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag,
                                           Range=f"bytes=0-{CSV_HEAD_BYTES - 1}")["Body"].read()
             text = io.StringIO(body.decode("utf-8", errors="replace"), newline="")
-            return _csv_first_row_as_of(text, whole=int(head["ContentLength"]) <= CSV_HEAD_BYTES)
+            return _csv_first_row_as_of(text, whole=size <= CSV_HEAD_BYTES)
         credentials = self.session.get_credentials()
         frozen = credentials.get_frozen_credentials() if credentials else None
         reader = ExportTarget(
@@ -205,23 +207,32 @@ class S3Exports:
             s3_session_token=frozen.token if frozen else None)
         return _parquet_as_of(f"s3://{self.bucket}/{key}", reader.duckdb_secret_sql())
 
-    def chunks(self, found: ExportFile) -> Iterator[bytes]:
-        """The object's bytes in chunks, if it is still the one `found` describes; ExportChanged
-        if it was replaced meanwhile (its as-of time would not be this body's)."""
+    def open(self, found: ExportFile):
+        """The object's body, if it is still the one `found` describes; ExportChanged if it was
+        replaced or removed meanwhile (its as-of time would not be this body's)."""
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=found.key, IfMatch=found.etag)["Body"]
+            return self.client.get_object(Bucket=self.bucket, Key=found.key, IfMatch=found.etag)["Body"]
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("412", "PreconditionFailed", "404", "NoSuchKey"):
                 raise ExportChanged(found.key) from None
             raise
-        return _closing_chunks(body)
 
 
-def _closing_chunks(body) -> Iterator[bytes]:
-    try:
-        yield from body.iter_chunks(CHUNK_BYTES)
-    finally:
-        body.close()
+def open_export(store: LocalExports | S3Exports, company_id: int, name: str) -> tuple[ExportFile, object] | None:
+    """The company's file and, on S3, its open body: described again once if it was replaced
+    between its description and its body (ExportChanged the second time). None: no export."""
+    for attempt in range(2):
+        found = store.find(company_id, name)
+        if found is None:
+            return None
+        if found.path is not None:
+            return found, None
+        try:
+            return found, store.open(found)
+        except ExportChanged:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
 
 
 def export_store(export_uri: str, env: dict[str, str]) -> LocalExports | S3Exports:

@@ -67,7 +67,15 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from .dashboards import COMPANY_COLUMN, by_exposure
-from .export_store import EXPORT_FILES, ExportChanged, LocalExports, S3Exports, export_store
+from .export_store import (
+    CHUNK_BYTES,
+    EXPORT_FILES,
+    ExportChanged,
+    LocalExports,
+    S3Exports,
+    export_store,
+    open_export,
+)
 from .superset_api import SupersetClient, SupersetError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +88,7 @@ SSO_MAX_AGE_S = 60
 SESSION_MAX_AGE_S = 8 * 3600
 MAX_LOGIN_BODY = 4096
 LOGIN_THREADS = 2
+EXPORT_THREADS = 8
 MIN_SECRET_LENGTH = 32
 log = logging.getLogger(__name__)
 
@@ -276,6 +285,7 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
     if embed and by_exposure()[EMBEDDED_EXPOSURE].embedded is not True:
         raise PortalError(f"{EMBEDDED_EXPOSURE} is not marked embeddable in bi/dashboards.py")
     login_slots: anyio.CapacityLimiter | None = None  # made on the event loop, at the first sign-in
+    export_slots: anyio.CapacityLimiter | None = None  # S3 reads: a stalled S3 holds these threads only
     # checked for unknown users too, so that a wrong user takes as long as a wrong password
     decoy = hash_password(secrets.token_urlsafe(12))
 
@@ -419,22 +429,17 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
             return JSONResponse({"error": "no such export"}, status_code=404)
         if int(requested) != company_id:
             return JSONResponse({"error": "not your company's export"}, status_code=403)
+        nonlocal export_slots
+        export_slots = export_slots or anyio.CapacityLimiter(EXPORT_THREADS)
         try:
-            for attempt in range(2):
-                found = await anyio.to_thread.run_sync(config.exports.find, company_id, name)
-                if found is None:
-                    return JSONResponse({"error": "no export yet"}, status_code=404)
-                if found.path is not None:
-                    break
-                try:
-                    chunks = await anyio.to_thread.run_sync(config.exports.chunks, found)
-                    break
-                except ExportChanged:  # replaced by a new export meanwhile: describe the new one
-                    if attempt:
-                        raise
+            opened = await anyio.to_thread.run_sync(open_export, config.exports, company_id, name,
+                                                    limiter=export_slots)
         except (ExportChanged, BotoCoreError, ClientError) as exc:
             log.error(f"export {name} of company {company_id}: {exc}")
             return JSONResponse({"error": "the exports cannot be read now; try again later"}, status_code=503)
+        if opened is None:
+            return JSONResponse({"error": "no export yet"}, status_code=404)
+        found, body = opened
         headers = dict(PRIVATE)
         if found.as_of:
             headers["X-Data-As-Of"] = found.as_of
@@ -443,7 +448,20 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
             # FileResponse sends the file in chunks: a large export never sits in memory.
             return FileResponse(found.path, media_type=EXPORT_FILES[name], filename=filename, headers=headers)
         headers.update({"Content-Length": str(found.size), "Content-Disposition": f'attachment; filename="{filename}"'})
-        return StreamingResponse(chunks, media_type=EXPORT_FILES[name], headers=headers)
+        if request.method == "HEAD":
+            body.close()
+            return Response(media_type=EXPORT_FILES[name], headers=headers)
+
+        async def chunks():
+            try:
+                while chunk := await anyio.to_thread.run_sync(body.read, CHUNK_BYTES, limiter=export_slots):
+                    yield chunk
+            except (BotoCoreError, ClientError, OSError) as exc:  # headers sent: the body ends short
+                log.error(f"export {name} of company {company_id} cut short: {exc}")
+            finally:  # also when the client went away: the S3 connection is given back at once
+                body.close()
+
+        return StreamingResponse(chunks(), media_type=EXPORT_FILES[name], headers=headers)
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("OK")

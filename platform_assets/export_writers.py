@@ -10,7 +10,7 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -96,8 +96,8 @@ class ExportTarget:
     s3_url_style: str = "vhost"
     s3_use_ssl: bool = True
     s3_key_id: str | None = None
-    s3_secret: str | None = None
-    s3_session_token: str | None = None
+    s3_secret: str | None = field(default=None, repr=False)
+    s3_session_token: str | None = field(default=None, repr=False)
 
     @property
     def is_s3(self) -> bool:

@@ -15,7 +15,14 @@ import pytest
 import requests
 from moto.server import ThreadedMotoServer
 
-from bi.export_store import ExportChanged, _csv_first_row_as_of, export_store
+from bi.export_store import (
+    CSV_HEAD_BYTES,
+    ExportChanged,
+    LocalExports,
+    _csv_first_row_as_of,
+    export_store,
+    open_export,
+)
 from bi.portal import write_accounts
 from platform_assets.export_writers import ExportTarget, duckdb_exporter, relations_from_manifest
 
@@ -53,6 +60,29 @@ def _unload_like(source: str, dest: str, fmt: str) -> None:
         con.close()
 
 
+class Racing:
+    """The real store, with a new export of `key` landing on S3 right after each of its first
+    `replacements` descriptions: a writer racing the portal."""
+
+    def __init__(self, store, s3, key: str, replacements: int):
+        self.store, self.s3, self.key, self.left = store, s3, key, replacements
+        self.etags: list[str] = []
+        self.last = b""
+
+    def find(self, company_id: int, name: str):
+        found = self.store.find(company_id, name)
+        if self.left:
+            self.left -= 1
+            header = "company_id,company_name,data_as_of\n"
+            self.last = (header + f"{company_id},new {self.left},{LATER[:19]}\n").encode()
+            put = self.s3.put_object(Bucket=BUCKET, Key=self.key, Body=self.last)
+            self.etags.append(put["ETag"].strip('"'))
+        return found
+
+    def open(self, found):
+        return self.store.open(found)
+
+
 def test_exports_on_s3_are_served_to_their_company_only(tmp_path):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -71,11 +101,16 @@ def test_exports_on_s3_are_served_to_their_company_only(tmp_path):
         build_warehouse(tmp_path / "warehouse.duckdb", [a, b])
         target = ExportTarget(root=ROOT, s3_endpoint=endpoint, s3_url_style="path", s3_use_ssl=False,
                               s3_key_id="testing", s3_secret="testing")
+        # A: an UNLOAD-named export older than the one DuckDB writes next (the newer one is served)
+        for ext in ("csv", "parquet"):
+            s3.put_object(Bucket=BUCKET, Key=f"exports/v1/company_id={a}/training_report_000.{ext}",
+                          Body=b"an older export")
+        time.sleep(1.1)  # S3 dates objects to the second (moto too)
         with duckdb_exporter([f"ATTACH '{tmp_path / 'warehouse.duckdb'}' AS wh (READ_ONLY)"],
                              relations_from_manifest(MANIFEST), target) as export:
             export(a, AS_OF)
             export(b, AS_OF)
-        time.sleep(1.1)  # S3 dates objects to the second: the UNLOAD-named ones are newer
+        time.sleep(1.1)  # B: the UNLOAD-named objects are the newer ones
         plain = tmp_path / "b.parquet"
         s3.download_file(BUCKET, f"exports/v1/company_id={b}/training_report.parquet", str(plain))
         for ext in ("parquet", "csv"):
@@ -119,9 +154,13 @@ def test_exports_on_s3_are_served_to_their_company_only(tmp_path):
                 assert r.headers["X-Data-As-Of"] == AS_OF.isoformat()
                 assert r.headers["Cache-Control"] == "private, no-store"
                 assert f'filename="company_{a}_{name}"' in r.headers["content-disposition"]
+        head = session.head(f"{url}/api/exports/{a}/{csv}", timeout=30)
+        assert head.status_code == 200 and not head.content
+        assert int(head.headers["content-length"]) == len(stored(a, csv))
+        assert head.headers["X-Data-As-Of"] == AS_OF.isoformat()
         assert session.get(f"{url}/api/exports/{b}/{csv}", timeout=30).status_code == 403
         cookie = session.cookies["portal_session"]
-        other = stored(b, csv)
+        other = stored(b, "training_report_000.csv")  # what B is served
         for path in (f"/api/exports/{a}/../{b}/{csv}", f"/api/exports/{a}/..%2F{b}%2F{csv}",
                      f"/api/exports/{a}/training_report_000.csv", f"/api/exports/{a}/readme.txt",
                      f"/api/exports/{a}%2F..%2Fcompany_id={b}/{csv}", f"/api/exports/0{a}/{csv}"):
@@ -137,11 +176,26 @@ def test_exports_on_s3_are_served_to_their_company_only(tmp_path):
             assert r.content == stored(b, name.replace(".", "_000.")) != stored(b, name)
             assert r.headers["X-Data-As-Of"] == LATER, name
 
-        # an export replaced between its description and its body is not sent with the old as-of
-        found = store.find(a, csv)
-        s3.put_object(Bucket=BUCKET, Key=f"exports/v1/company_id={a}/{csv}", Body=stored(b, csv))
-        with pytest.raises(ExportChanged):
-            store.chunks(found)
+        # An export replaced between its description and its body is described again, once; a
+        # second replacement is ExportChanged (the route's 503), never the old as-of on new bytes.
+        for ext in ("csv", "parquet"):
+            name = f"training_report.{ext}"
+            racing = Racing(store, s3, f"exports/v1/company_id={a}/{name}", replacements=1)
+            found, body = open_export(racing, a, name)
+            assert body.read() == stored(a, name) == racing.last and found.etag == f'"{racing.etags[-1]}"'
+            body.close()
+            assert found.as_of == (LATER if ext == "csv" else None)  # the new bytes' own as-of
+            with pytest.raises(ExportChanged):
+                open_export(Racing(store, s3, f"exports/v1/company_id={a}/{name}", replacements=2), a, name)
+
+        # the CSV as-of by a range read: a row after the first proves it whole; a first row
+        # longer than the range says nothing
+        big = "company_id,company_name,data_as_of\n" + f"{a},x,{LATER[:19]}\n" * 4000
+        s3.put_object(Bucket=BUCKET, Key=f"exports/v1/company_id={a}/{csv}", Body=big.encode())
+        assert len(big) > CSV_HEAD_BYTES and store.find(a, csv).as_of == LATER
+        giant = "company_id,company_name,data_as_of\n" + f"{a},{'x' * CSV_HEAD_BYTES},{LATER[:19]}\n"
+        s3.put_object(Bucket=BUCKET, Key=f"exports/v1/company_id={a}/{csv}", Body=giant.encode())
+        assert store.find(a, csv).as_of is None
 
         server.stop()  # S3 unreachable: the portal says so, it does not fail with a traceback
         running = False
@@ -165,3 +219,17 @@ def test_a_csv_first_row_cut_by_the_range_read_gives_no_as_of():
     # a second row (even cut) proves the first one whole
     assert _csv_first_row_as_of(io.StringIO(header + row + "2,c", newline=""), whole=False) == "2026-03-01 06:30:00"
     assert _csv_first_row_as_of(io.StringIO(header, newline=""), whole=True) is None
+
+
+def test_a_local_parquet_export_without_key_value_metadata_gives_its_column(tmp_path):
+    """UNLOAD-like Parquet (no key/value metadata) in a local folder: the as-of of its rows."""
+    build_warehouse(tmp_path / "warehouse.duckdb", [7])
+    exports = tmp_path / "exports"
+    with duckdb_exporter([f"ATTACH '{tmp_path / 'warehouse.duckdb'}' AS wh (READ_ONLY)"],
+                         relations_from_manifest(MANIFEST), ExportTarget(root=str(exports))) as export:
+        export(7, AS_OF)
+    written = exports / "company_id=7" / "training_report.parquet"
+    assert LocalExports(exports).find(7, "training_report.parquet").as_of == AS_OF.isoformat()
+    _unload_like(str(written), str(tmp_path / "plain.parquet"), "parquet")
+    (tmp_path / "plain.parquet").replace(written)
+    assert LocalExports(exports).find(7, "training_report.parquet").as_of == LATER
