@@ -22,6 +22,7 @@ from pathlib import Path
 
 import duckdb
 from botocore.exceptions import BotoCoreError, ClientError
+from urllib3.exceptions import HTTPError
 
 from platform_assets.export_writers import DATA_AS_OF, REPORT_NAME, ExportTarget, company_prefix
 from platform_assets.settings import ConfigurationError, PlatformSettings
@@ -33,6 +34,8 @@ _COMPANY_FOLDER = re.compile(r"company_id=([1-9][0-9]{0,18})")
 CSV_HEAD_BYTES = 64 * 1024
 CHUNK_BYTES = 1024 * 1024
 log = logging.getLogger(__name__)
+# what reading S3 may raise: botocore's own, and urllib3's that a body read lets through (TLS)
+S3_ERRORS = (BotoCoreError, ClientError, HTTPError)
 
 
 class ExportChanged(RuntimeError):
@@ -173,9 +176,10 @@ class S3Exports:
         return sorted(found)
 
     def find(self, company_id: int, name: str) -> ExportFile | None:
-        """The newer of `name` and UNLOAD's `<stem>_000.<ext>` (UNLOAD's on a tie: production's
-        writer), from one listing: it dates objects to the millisecond, and a key that does not
-        exist is simply not listed (a HEAD of it answers 403 to a role without s3:ListBucket)."""
+        """The newer of `name` and UNLOAD's `<stem>_000.<ext>`, from one listing of the report's
+        keys: a key that does not exist is simply not listed (a HEAD of it answers 403 to a role
+        without s3:ListBucket). S3 dates objects to the second; on a tie UNLOAD's object, the
+        production writer's, is served."""
         stem, ext = name.rsplit(".", 1)
         folder = self._folder(company_id)
         rank = {folder + name: 0, f"{folder}{stem}_000.{ext}": 1}
@@ -187,7 +191,7 @@ class S3Exports:
         key, etag, size = newest["Key"], newest["ETag"], int(newest["Size"])
         try:
             value = self._as_of(key, ext, etag, size)
-        except (duckdb.Error, OSError, UnicodeDecodeError, csv.Error, BotoCoreError, ClientError) as exc:
+        except (duckdb.Error, OSError, UnicodeDecodeError, csv.Error, *S3_ERRORS) as exc:
             log.warning(f"no as-of time from s3://{self.bucket}/{key}: {exc}")
             value = None
         return ExportFile(name=name, as_of=_iso_utc(value) if value else None, key=key, etag=etag, size=size)
@@ -218,14 +222,16 @@ class S3Exports:
             raise
 
 
-def open_export(store: LocalExports | S3Exports, company_id: int, name: str) -> tuple[ExportFile, object] | None:
-    """The company's file and, on S3, its open body: described again once if it was replaced
-    between its description and its body (ExportChanged the second time). None: no export."""
+def open_export(store: LocalExports | S3Exports, company_id: int, name: str,
+                with_body: bool = True) -> tuple[ExportFile, object] | None:
+    """The company's file and, on S3 and `with_body`, its open body: described again once if it
+    was replaced between its description and its body (ExportChanged the second time). None:
+    no export."""
     for attempt in range(2):
         found = store.find(company_id, name)
         if found is None:
             return None
-        if found.path is not None:
+        if found.path is not None or not with_body:
             return found, None
         try:
             return found, store.open(found)

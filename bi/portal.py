@@ -49,7 +49,6 @@ from urllib.parse import parse_qs
 import anyio
 import anyio.to_thread
 import requests
-from botocore.exceptions import BotoCoreError, ClientError
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -70,6 +69,7 @@ from .dashboards import COMPANY_COLUMN, by_exposure
 from .export_store import (
     CHUNK_BYTES,
     EXPORT_FILES,
+    S3_ERRORS,
     ExportChanged,
     LocalExports,
     S3Exports,
@@ -276,6 +276,38 @@ LOGIN = """<!doctype html><html><head><meta charset="utf-8"><title>Sign in</titl
 PRIVATE = {"Cache-Control": "private, no-store"}
 
 
+class S3Download(StreamingResponse):
+    """An S3 object's body, read in chunks in the export threads. The S3 response is closed
+    when the download ends, however it ends (sent, failed, client gone, never started); a read
+    that fails after the headers ends the download short, with one log line."""
+
+    def __init__(self, body, slots: anyio.CapacityLimiter, label: str, **kwargs):
+        self.s3_body, self.slots, self.label = body, slots, label
+        super().__init__(self._chunks(), **kwargs)
+
+    async def _chunks(self):
+        while chunk := await anyio.to_thread.run_sync(self.s3_body.read, CHUNK_BYTES, limiter=self.slots):
+            yield chunk
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (*S3_ERRORS, OSError) as exc:
+            log.error(f"{self.label} cut short: {exc}")
+            return  # not completed: the server closes the connection, the client sees it short
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+            self.s3_body.close()
+
+
 def create_app(config: PortalConfig | None = None) -> Starlette:
     config = config or PortalConfig.from_env()
     sso = URLSafeTimedSerializer(config.sso_secret, salt="portal-sso") if config.sso_secret else None
@@ -432,9 +464,10 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
         nonlocal export_slots
         export_slots = export_slots or anyio.CapacityLimiter(EXPORT_THREADS)
         try:
+            # HEAD: the description only, no body opened
             opened = await anyio.to_thread.run_sync(open_export, config.exports, company_id, name,
-                                                    limiter=export_slots)
-        except (ExportChanged, BotoCoreError, ClientError) as exc:
+                                                    request.method != "HEAD", limiter=export_slots)
+        except (ExportChanged, *S3_ERRORS) as exc:
             log.error(f"export {name} of company {company_id}: {exc}")
             return JSONResponse({"error": "the exports cannot be read now; try again later"}, status_code=503)
         if opened is None:
@@ -448,20 +481,10 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
             # FileResponse sends the file in chunks: a large export never sits in memory.
             return FileResponse(found.path, media_type=EXPORT_FILES[name], filename=filename, headers=headers)
         headers.update({"Content-Length": str(found.size), "Content-Disposition": f'attachment; filename="{filename}"'})
-        if request.method == "HEAD":
-            body.close()
+        if body is None:
             return Response(media_type=EXPORT_FILES[name], headers=headers)
-
-        async def chunks():
-            try:
-                while chunk := await anyio.to_thread.run_sync(body.read, CHUNK_BYTES, limiter=export_slots):
-                    yield chunk
-            except (BotoCoreError, ClientError, OSError) as exc:  # headers sent: the body ends short
-                log.error(f"export {name} of company {company_id} cut short: {exc}")
-            finally:  # also when the client went away: the S3 connection is given back at once
-                body.close()
-
-        return StreamingResponse(chunks(), media_type=EXPORT_FILES[name], headers=headers)
+        return S3Download(body, export_slots, f"export {name} of company {company_id}", headers=headers,
+                          media_type=EXPORT_FILES[name])
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("OK")

@@ -7,7 +7,9 @@ with its as-of time, refuses the rest, and answers 503 while S3 does not."""
 from __future__ import annotations
 
 import io
+import tempfile
 import time
+from pathlib import Path
 
 import boto3
 import duckdb
@@ -33,6 +35,7 @@ from .test_portal import _raw_get, start_portal
 BUCKET = "customer-exports"
 ROOT = f"s3://{BUCKET}/exports/v1"
 LATER = "2026-03-02T07:45:00+00:00"  # the as-of time of the UNLOAD-named objects
+NEWER = "2026-03-03T08:00:00+00:00"  # of the exports written while the portal reads
 
 
 def _wait_for(url: str, process, log) -> None:
@@ -60,6 +63,20 @@ def _unload_like(source: str, dest: str, fmt: str) -> None:
         con.close()
 
 
+def report_bytes(company_id: int, name: str, as_of: str, ext: str) -> bytes:
+    """A one-row report as UNLOAD writes it (as-of in the data_as_of column), as bytes."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"report.{ext}"
+        con = duckdb.connect()
+        try:
+            con.execute(f"COPY (select {int(company_id)} as company_id, '{name}' as company_name,"
+                        f" cast('{as_of[:19]}' as timestamp) as data_as_of) TO '{path}'"
+                        f" (FORMAT {ext}{', HEADER true' if ext == 'csv' else ''})")
+        finally:
+            con.close()
+        return path.read_bytes()
+
+
 class Racing:
     """The real store, with a new export of `key` landing on S3 right after each of its first
     `replacements` descriptions: a writer racing the portal."""
@@ -73,8 +90,7 @@ class Racing:
         found = self.store.find(company_id, name)
         if self.left:
             self.left -= 1
-            header = "company_id,company_name,data_as_of\n"
-            self.last = (header + f"{company_id},new {self.left},{LATER[:19]}\n").encode()
+            self.last = report_bytes(company_id, f"new {self.left}", NEWER, name.rsplit(".", 1)[1])
             put = self.s3.put_object(Bucket=BUCKET, Key=self.key, Body=self.last)
             self.etags.append(put["ETag"].strip('"'))
         return found
@@ -184,7 +200,7 @@ def test_exports_on_s3_are_served_to_their_company_only(tmp_path):
             found, body = open_export(racing, a, name)
             assert body.read() == stored(a, name) == racing.last and found.etag == f'"{racing.etags[-1]}"'
             body.close()
-            assert found.as_of == (LATER if ext == "csv" else None)  # the new bytes' own as-of
+            assert found.as_of == NEWER  # the new bytes' own as-of
             with pytest.raises(ExportChanged):
                 open_export(Racing(store, s3, f"exports/v1/company_id={a}/{name}", replacements=2), a, name)
 
@@ -193,9 +209,23 @@ def test_exports_on_s3_are_served_to_their_company_only(tmp_path):
         big = "company_id,company_name,data_as_of\n" + f"{a},x,{LATER[:19]}\n" * 4000
         s3.put_object(Bucket=BUCKET, Key=f"exports/v1/company_id={a}/{csv}", Body=big.encode())
         assert len(big) > CSV_HEAD_BYTES and store.find(a, csv).as_of == LATER
-        giant = "company_id,company_name,data_as_of\n" + f"{a},{'x' * CSV_HEAD_BYTES},{LATER[:19]}\n"
+        giant = ("company_id,company_name,data_as_of\n" + f"{a},{'x' * CSV_HEAD_BYTES},{LATER[:19]}\n"
+                 + f"{a},y,{LATER[:19]}\n")  # read whole, it would give LATER
         s3.put_object(Bucket=BUCKET, Key=f"exports/v1/company_id={a}/{csv}", Body=giant.encode())
         assert store.find(a, csv).as_of is None
+        assert open_export(store, a, csv, with_body=False)[1] is None  # HEAD: no body opened
+
+        # a tie (the same second): UNLOAD's object, production's writer, is served
+        for _ in range(5):
+            for key in (f"company_id={b}/training_report.csv", f"company_id={b}/training_report_000.csv"):
+                s3.put_object(Bucket=BUCKET, Key=f"exports/v1/{key}", Body=key.encode())
+            dates = {o["LastModified"] for o in s3.list_objects_v2(
+                Bucket=BUCKET, Prefix=f"exports/v1/company_id={b}/training_report")["Contents"]
+                if o["Key"].endswith(".csv")}
+            if len(dates) == 1:
+                break
+        assert len(dates) == 1, "no two puts in the same second in five tries"
+        assert store.find(b, csv).key.endswith("training_report_000.csv")
 
         server.stop()  # S3 unreachable: the portal says so, it does not fail with a traceback
         running = False
