@@ -25,6 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.exceptions import HTTPError
 
 from platform_assets.export_writers import DATA_AS_OF, REPORT_NAME, ExportTarget, company_prefix
+from platform_assets.federation import HTTPFS_EXTENSION, ensure_duckdb_extension
 from platform_assets.settings import ConfigurationError, PlatformSettings
 
 EXPORT_FILES = {f"{REPORT_NAME}.parquet": "application/vnd.apache.parquet",
@@ -81,10 +82,12 @@ def _parquet_as_of(location: str, secret_sql: str | None = None) -> str | None:
     if any(c in location for c in "*?[{"):  # DuckDB would read the location as a pattern
         log.warning(f"no as-of time from {location}: it holds a glob character")
         return None
+    # a connection per read: the request threads cannot share one, and the task role's
+    # credentials in the secret rotate
     con = duckdb.connect()
     try:
         if secret_sql:  # S3: the extension was installed when the store started
-            con.execute("LOAD httpfs")
+            con.execute(f"LOAD {HTTPFS_EXTENSION}")
             con.execute("SET http_timeout = 10")  # seconds; DuckDB's default is 30, retried 3 times
             con.execute("SET http_retries = 1")
             con.execute(secret_sql)
@@ -140,8 +143,6 @@ class S3Exports:
     def __init__(self, target: ExportTarget):
         import boto3
         from botocore.config import Config
-
-        from platform_assets.federation import HTTPFS_EXTENSION, ensure_duckdb_extension
 
         self.target = target
         self.bucket = target.root.removeprefix("s3://").partition("/")[0]
@@ -227,7 +228,8 @@ def open_export(store: LocalExports | S3Exports, company_id: int, name: str,
     """The company's file and, on S3 and `with_body`, its open body: described again once if it
     was replaced between its description and its body (ExportChanged the second time). None:
     no export."""
-    for attempt in range(2):
+    replaced = 0
+    while True:
         found = store.find(company_id, name)
         if found is None:
             return None
@@ -236,9 +238,9 @@ def open_export(store: LocalExports | S3Exports, company_id: int, name: str,
         try:
             return found, store.open(found)
         except ExportChanged:
-            if attempt:
+            replaced += 1
+            if replaced == 2:
                 raise
-    raise AssertionError("unreachable")
 
 
 def export_store(export_uri: str, env: dict[str, str]) -> LocalExports | S3Exports:

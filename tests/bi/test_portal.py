@@ -60,6 +60,19 @@ def start_portal(env: dict[str, str], log: Path) -> subprocess.Popen:
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
+def wait_for_portal(url: str, process, log) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "the portal did not answer /health in 60 s"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def portal(tmp_path_factory):
     folder = tmp_path_factory.mktemp("portal")
@@ -79,16 +92,7 @@ def portal(tmp_path_factory):
                             "PORTAL_SESSION_SECRET": "s" * 48, "PORTAL_SSO_SECRET": SSO_SECRET}, log)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the portal did not answer /health in 60 s"
-            time.sleep(0.2)
+        wait_for_portal(url, process, log)
         yield Portal(url, process, exports, home, a, b, passwords)
     finally:
         process.terminate()

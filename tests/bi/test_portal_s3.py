@@ -30,25 +30,12 @@ from platform_assets.export_writers import ExportTarget, duckdb_exporter, relati
 
 from ..conftest import free_port
 from ..platform.test_exports import AS_OF, MANIFEST, _company_ids, build_warehouse
-from .test_portal import _raw_get, start_portal
+from .test_portal import _raw_get, start_portal, wait_for_portal
 
 BUCKET = "customer-exports"
 ROOT = f"s3://{BUCKET}/exports/v1"
 LATER = "2026-03-02T07:45:00+00:00"  # the as-of time of the UNLOAD-named objects
 NEWER = "2026-03-03T08:00:00+00:00"  # of the exports written while the portal reads
-
-
-def _wait_for(url: str, process, log) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "the portal did not answer /health in 60 s"
-        time.sleep(0.2)
 
 
 def _unload_like(source: str, dest: str, fmt: str) -> None:
@@ -147,7 +134,7 @@ def test_exports_on_s3_are_served_to_their_company_only(tmp_path):
         process = start_portal({**s3_env, "PORTAL_HOME": str(home), "PORTAL_PORT": str(url_port),
                                 "PORTAL_SESSION_SECRET": "s" * 48}, log)
         url = f"http://127.0.0.1:{url_port}"
-        _wait_for(url, process, log)
+        wait_for_portal(url, process, log)
 
         def signed_in(company_id: int) -> requests.Session:
             session = requests.Session()
