@@ -1,7 +1,7 @@
 -- Plan periods with an effective end: a period that is no longer active but carries no
 -- ended_at (canceled in the app without an end date) ends at its last update.
--- Reused by dim_companies (current plan), fct_lesson_events (plan at event time) and
--- fct_subscription_mrr (plan periods in force at each month's close).
+-- Reused by dim_companies (current plan) and fct_subscription_mrr (plan periods in force
+-- at each month's close).
 with periods as (
 
     select
