@@ -2,8 +2,11 @@
 any churn, on DuckDB and on PostgreSQL.
 
 Hypothesis generates sequences of changes on the primary — inserts of any lateness up to the
-whole data span, backdated `created_at`, in-place edits of every column the marts read,
-hard deletes (events, enrollments, whole companies), soft deletes, users moving company,
+whole data span, backdated `created_at`, in-place edits of every column the marts read (of
+events, users, companies, teams, memberships, courses, lessons, enrollments, certificates
+and subscriptions; an edit always sets another value than the row's), new enrollments,
+memberships, certificates and plan periods, hard deletes (events, enrollments, memberships,
+certificates, whole companies), soft deletes, users moving company, teams moving company,
 lessons moving course, updates without an `updated_at` bump — then runs the automation path
 (localenv.demo.automation_cycle: observe, automation ticks and the changed days of the daily
 facts until nothing more is requested, what the sensors and `make demo` do), and compares
@@ -14,7 +17,8 @@ warehouses are two databases), bookkeeping columns excluded by name.
 Each engine has its own copy of the source schema on the primary (REPLICA_SCHEMA), so the
 churn never reaches other tests. `make test` runs CHURN_EXAMPLES=8 examples per engine,
 derandomized; `make churn` runs 100. One test file per engine, so that pytest-xdist can run
-the two engines side by side.
+the two engines side by side. test_churn_ops.py checks that every kind of change in
+EVERY_KIND changes the source.
 """
 
 from __future__ import annotations
@@ -53,8 +57,14 @@ EVERY_KIND = [
     ("edit_event", 10, "event_type", 1), ("edit_event", 12, "created_at", 2), ("delete_events", 13, 3),
     ("soft_delete_user", 14, False), ("move_user", 15, 16, False), ("move_lesson", 17, 18),
     ("edit_course", 19, "category"), ("edit_enrollment", 20, "dropped", False), ("delete_enrollment", 21),
-    ("edit_company", 22, False), ("edit_subscription", 23, False), ("delete_company", 24),
+    ("edit_company", 22, "name", False), ("edit_subscription", 23, "seats", False), ("delete_company", 24),
     ("hostile_company", 2**63 - 1, "O'Brien; drop table x; --", 200, 25),
+    ("edit_user", 26, "email", False), ("edit_user", 27, "role", True), ("edit_company", 28, "plan", False),
+    ("edit_team", 29, 30, "company", False), ("membership", 31, 32, "join", 500), ("membership", 33, 0, "leave", 0),
+    ("membership", 34, 0, "joined_at", 900), ("certificate", 35, "issue", 30), ("certificate", 36, "revoke", 0),
+    ("certificate", 37, "issued_at", 300), ("insert_enrollment", 38, 39, 700), ("edit_enrollment", 40, "enrolled_at",
+    False), ("edit_subscription", 41, "status", False), ("edit_subscription", 42, "started_at", True),
+    ("new_period", 43, "business"), ("edit_lesson", 44, "lesson_type"), ("edit_course", 45, "published_at"),
 ]
 pick = st.integers(0, BIG)
 OPS = st.one_of(
@@ -67,12 +77,26 @@ OPS = st.one_of(
     st.tuples(st.just("soft_delete_user"), pick, st.booleans()),
     st.tuples(st.just("move_user"), pick, pick, st.booleans()),
     st.tuples(st.just("move_lesson"), pick, pick),
-    st.tuples(st.just("edit_course"), pick, st.sampled_from(["category", "difficulty", "title"])),
-    st.tuples(st.just("edit_enrollment"), pick, st.sampled_from(["enrolled", "in_progress", "completed", "dropped"]),
-              st.booleans()),
+    st.tuples(st.just("edit_course"), pick, st.sampled_from(["category", "difficulty", "title", "published_at"])),
+    st.tuples(st.just("edit_lesson"), pick, st.sampled_from(["lesson_type", "duration_seconds", "title"])),
+    # a status (completed_at follows it) or enrolled_at moved back by up to the whole span
+    st.tuples(st.just("edit_enrollment"), pick,
+              st.sampled_from(["enrolled", "in_progress", "completed", "dropped", "enrolled_at"]), st.booleans()),
+    st.tuples(st.just("insert_enrollment"), pick, pick, st.integers(0, TEST_DAYS * 24)),
     st.tuples(st.just("delete_enrollment"), pick),
-    st.tuples(st.just("edit_company"), pick, st.booleans()),
-    st.tuples(st.just("edit_subscription"), pick, st.booleans()),
+    st.tuples(st.just("edit_user"), pick, st.sampled_from(["email", "full_name", "role"]), st.booleans()),
+    st.tuples(st.just("edit_company"), pick, st.sampled_from(["name", "seats", "region", "plan"]), st.booleans()),
+    st.tuples(st.just("edit_team"), pick, pick, st.sampled_from(["name", "company"]), st.booleans()),
+    # a user joins a team (joined_at hours ago), leaves one, or a joined_at moves back
+    st.tuples(st.just("membership"), pick, pick, st.sampled_from(["join", "leave", "joined_at"]),
+              st.integers(0, TEST_DAYS * 24)),
+    # a certificate issued (hours ago), revoked (hard delete), or its issued_at moved back
+    st.tuples(st.just("certificate"), pick, st.sampled_from(["issue", "revoke", "issued_at"]),
+              st.integers(0, TEST_DAYS * 24)),
+    st.tuples(st.just("edit_subscription"), pick,
+              st.sampled_from(["seats", "plan", "currency", "status", "ended_at", "started_at"]), st.booleans()),
+    # a plan change as the application makes it: the current period ends, a new one starts
+    st.tuples(st.just("new_period"), pick, st.sampled_from(["starter", "team", "business", "enterprise"])),
     st.tuples(st.just("delete_company"), pick),
     # a new company and user with hostile keys and names, and their first events (any lateness)
     st.tuples(st.just("hostile_company"), st.sampled_from([2**63 - 1, 2**62 + 7, 10**18 + 3, 2**31]),
@@ -112,11 +136,15 @@ def apply(conn: psycopg.Connection, schema: str, op: tuple) -> None:
         event = _nth(conn, schema, "lesson_events", "event_id", k)
         if event is None:
             return
+        user, lesson, event_type, seconds = conn.execute(sql.SQL(
+            "select user_id, lesson_id, event_type, seconds_spent from {} where event_id = %s").format(
+            t("lesson_events")), (event,)).fetchone()
+        # always another value than the row's: an edit to the same value would test nothing
         value = {
-            "user_id": lambda: _nth(conn, schema, "users", "user_id", v),
-            "lesson_id": lambda: _nth(conn, schema, "lessons", "lesson_id", v),
-            "event_type": lambda: ["started", "progress", "completed"][v % 3],
-            "seconds_spent": lambda: v % 5000,
+            "user_id": lambda: _nth(conn, schema, "users", "user_id", v, f"user_id <> {int(user)}"),
+            "lesson_id": lambda: _nth(conn, schema, "lessons", "lesson_id", v, f"lesson_id <> {int(lesson)}"),
+            "event_type": lambda: [e for e in ("started", "progress", "completed") if e != event_type][v % 2],
+            "seconds_spent": lambda: (seconds + 1 + v % 4999) % 5000,
         }
         if column in value:
             conn.execute(sql.SQL("update {} set {} = %s where event_id = %s").format(
@@ -158,18 +186,41 @@ def apply(conn: psycopg.Connection, schema: str, op: tuple) -> None:
         _, k, column = op
         course = _nth(conn, schema, "courses", "course_id", k)
         if course is not None:
-            value = {"category": "renamed-category", "difficulty": "advanced",
-                     "title": "Renamed 'course' \u00e9"}[column]
-            conn.execute(sql.SQL("update {} set {} = %s where course_id = %s").format(
-                t("courses"), sql.Identifier(column)), (value, course))
+            value = {"category": "'renamed-category'", "difficulty": "'advanced'",
+                     "title": "'Renamed ''course'' \u00e9'", "published_at": "published_at - interval '3 days'"}[column]
+            conn.execute(sql.SQL("update {} set {} = " + value + " where course_id = %s").format(
+                t("courses"), sql.Identifier(column)), (course,))
+    elif kind == "edit_lesson":
+        _, k, column = op
+        lesson = _nth(conn, schema, "lessons", "lesson_id", k)
+        if lesson is not None:
+            value = {"lesson_type": "case lesson_type when 'video' then 'lab' when 'lab' then 'quiz' else 'video' end",
+                     "duration_seconds": "duration_seconds + 37", "title": "title || ' (edited)'"}[column]
+            conn.execute(sql.SQL("update {} set {} = " + value + " where lesson_id = %s").format(
+                t("lessons"), sql.Identifier(column)), (lesson,))
     elif kind == "edit_enrollment":
         _, k, status, bump = op
         enrollment = _nth(conn, schema, "enrollments", "enrollment_id", k)
-        if enrollment is not None:
-            conn.execute(sql.SQL("update {} set status = %s, completed_at = case when %s = 'completed'"
-                                 " then coalesce(completed_at, %s) end" + (", updated_at = %s" if bump else "")
-                                 + " where enrollment_id = %s").format(t("enrollments")),
-                         (status, status, now, now, enrollment) if bump else (status, status, now, enrollment))
+        if enrollment is None:
+            return
+        if status == "enrolled_at":  # moved back, so never after its completion
+            change = sql.SQL("enrolled_at = enrolled_at - make_interval(hours => %s)")
+            params = [k % (TEST_DAYS * 24)]
+        else:
+            change = sql.SQL("status = %s, completed_at = case when %s = 'completed'"
+                             " then coalesce(completed_at, %s) end")
+            params = [status, status, now]
+        conn.execute(sql.SQL("update {} set {}" + (", updated_at = %s" if bump else "") + " where enrollment_id = %s")
+                     .format(t("enrollments"), change), [*params, *([now] if bump else []), enrollment])
+    elif kind == "insert_enrollment":
+        _, k, c, hours = op
+        user = _nth(conn, schema, "users", "user_id", k, "deleted_at is null")
+        course = _nth(conn, schema, "courses", "course_id", c)
+        if user is not None and course is not None:
+            conn.execute(sql.SQL("insert into {} (user_id, course_id, status, enrolled_at, created_at, updated_at)"
+                                 " values (%s, %s, 'enrolled', %s::timestamp - make_interval(hours => %s), %s, %s)"
+                                 " on conflict do nothing").format(t("enrollments")),
+                         (user, course, now, hours, now, now))
     elif kind == "delete_enrollment":
         _, k = op
         enrollment = _nth(conn, schema, "enrollments", "enrollment_id", k)
@@ -177,19 +228,100 @@ def apply(conn: psycopg.Connection, schema: str, op: tuple) -> None:
             conn.execute(sql.SQL("delete from {} where enrollment_id = %s").format(t("certificates")), (enrollment,))
             conn.execute(sql.SQL("delete from {} where enrollment_id = %s").format(t("enrollments")), (enrollment,))
     elif kind == "edit_company":
-        _, k, bump = op
+        _, k, column, bump = op
         company = _nth(conn, schema, "companies", "company_id", k)
         if company is not None:
-            conn.execute(sql.SQL("update {} set name = name || ' & Co', seats = seats + 1"
-                                 + (", updated_at = %s" if bump else "") + " where company_id = %s").format(
-                t("companies")), (now, company) if bump else (company,))
+            value = {"name": "name || ' & Co'", "seats": "seats + 1",
+                     "region": "case region when 'eu-west' then 'us-east' else 'eu-west' end",
+                     "plan": "case plan when 'starter' then 'team' when 'team' then 'business'"
+                             " when 'business' then 'enterprise' else 'starter' end"}[column]
+            conn.execute(sql.SQL("update {} set {} = " + value + (", updated_at = %s" if bump else "")
+                                 + " where company_id = %s").format(t("companies"), sql.Identifier(column)),
+                         (now, company) if bump else (company,))
+    elif kind == "edit_user":
+        _, k, column, bump = op
+        user = _nth(conn, schema, "users", "user_id", k)
+        if user is not None:
+            value = {"email": "'edited.' || user_id || '@example.test'", "full_name": "full_name || ' Jr.'",
+                     "role": "case role when 'learner' then 'manager' when 'manager' then 'admin' else 'learner' end"
+                     }[column]
+            conn.execute(sql.SQL("update {} set {} = " + value + (", updated_at = %s" if bump else "")
+                                 + " where user_id = %s").format(t("users"), sql.Identifier(column)),
+                         (now, user) if bump else (user,))
+    elif kind == "edit_team":
+        _, k, c, what, bump = op
+        team = _nth(conn, schema, "teams", "team_id", k)
+        company = _nth(conn, schema, "companies", "company_id", c)
+        if team is not None and company is not None:
+            change = "name = name || ' (renamed)'" if what == "name" else "company_id = %s"
+            conn.execute(sql.SQL("update {} set " + change + (", updated_at = %s" if bump else "")
+                                 + " where team_id = %s").format(t("teams")),
+                         [*([company] if what == "company" else []), *([now] if bump else []), team])
+    elif kind == "membership":
+        _, k, c, action, hours = op
+        if action == "join":
+            user = _nth(conn, schema, "users", "user_id", k)
+            team = _nth(conn, schema, "teams", "team_id", c)
+            if user is not None and team is not None:
+                conn.execute(sql.SQL("insert into {} (team_id, user_id, joined_at, created_at, updated_at) values"
+                                     " (%s, %s, %s::timestamp - make_interval(hours => %s), %s, %s)"
+                                     " on conflict do nothing").format(t("team_memberships")),
+                             (team, user, now, hours, now, now))
+            return
+        membership = _nth(conn, schema, "team_memberships", "membership_id", k)
+        if membership is not None:
+            change = "delete from {}" if action == "leave" else \
+                "update {} set joined_at = joined_at - make_interval(hours => %(h)s)"
+            conn.execute(sql.SQL(change + " where membership_id = %(m)s").format(t("team_memberships")),
+                         {"h": hours, "m": membership})
+    elif kind == "certificate":
+        _, k, action, hours = op
+        if action == "issue":
+            enrollment = _nth(conn, schema, "enrollments", "enrollment_id", k,
+                              f'enrollment_id not in (select enrollment_id from "{schema}".certificates)')
+            if enrollment is not None:
+                conn.execute(sql.SQL("insert into {} (enrollment_id, user_id, course_id, issued_at, created_at)"
+                                     " select enrollment_id, user_id, course_id,"
+                                     " %s::timestamp - make_interval(hours => %s), %s from {} where enrollment_id = %s"
+                                     ).format(t("certificates"), t("enrollments")), (now, hours, now, enrollment))
+            return
+        certificate = _nth(conn, schema, "certificates", "certificate_id", k)
+        if certificate is not None:
+            change = "delete from {}" if action == "revoke" else \
+                "update {} set issued_at = issued_at - make_interval(hours => %(h)s)"
+            conn.execute(sql.SQL(change + " where certificate_id = %(c)s").format(t("certificates")),
+                         {"h": hours, "c": certificate})
     elif kind == "edit_subscription":
-        _, k, bump = op
+        _, k, column, bump = op
         sub = _nth(conn, schema, "subscriptions", "subscription_id", k)
         if sub is not None:
-            conn.execute(sql.SQL("update {} set seats = seats + 3, monthly_amount = monthly_amount + 10"
-                                 + (", updated_at = %s" if bump else "") + " where subscription_id = %s").format(
-                t("subscriptions")), (now, sub) if bump else (sub,))
+            change = {
+                "seats": "seats = seats + 3, monthly_amount = monthly_amount + 10",
+                "plan": "plan = case plan when 'starter' then 'team' when 'team' then 'business'"
+                        " when 'business' then 'enterprise' else 'starter' end",
+                "currency": "currency = case currency when 'USD' then 'EUR' else 'USD' end",
+                # canceled with no ended_at: the period ends at its last update (int_subscription_periods)
+                "status": "status = case status when 'active' then 'canceled' else 'active' end",
+                "ended_at": "status = 'ended', ended_at = greatest(started_at, %(now)s - interval '2 days')",
+                "started_at": "started_at = started_at - interval '40 days'",
+            }[column]
+            conn.execute(sql.SQL("update {} set " + change + (", updated_at = %(now)s" if bump else "")
+                                 + " where subscription_id = %(s)s").format(t("subscriptions")),
+                         {"now": now, "s": sub})
+    elif kind == "new_period":
+        _, c, plan = op
+        company = _nth(conn, schema, "companies", "company_id", c)
+        if company is None:
+            return
+        conn.execute(sql.SQL("update {} set status = 'ended', ended_at = %(now)s, updated_at = %(now)s"
+                             " where company_id = %(c)s and status = 'active'").format(t("subscriptions")),
+                     {"now": now, "c": company})
+        conn.execute(sql.SQL("insert into {} (company_id, plan, seats, monthly_amount, currency, status, started_at,"
+                             " created_at, updated_at) select company_id, %(p)s, seats, seats * 12.5, 'USD', 'active',"
+                             " %(now)s, %(now)s, %(now)s from {} where company_id = %(c)s").format(
+            t("subscriptions"), t("companies")), {"p": plan, "now": now, "c": company})
+        conn.execute(sql.SQL("update {} set plan = %(p)s, updated_at = %(now)s where company_id = %(c)s").format(
+            t("companies")), {"p": plan, "now": now, "c": company})
     elif kind == "delete_company":
         _, k = op
         company = _nth(conn, schema, "companies", "company_id", k)
