@@ -4,8 +4,13 @@ replica) against what they hold (in the warehouse).
 A day's fingerprint is three exact integers: its row count, and the sums of x and of x²,
 where x is a row's hash: every column `fct_lesson_events` copies from the source (the user's
 current company and the lesson's current course included, models/marts/_marts.yml), each
-taken modulo the prime M = 2³¹-1, multiplied by its own constant and summed modulo M.
-Timestamps enter as epoch microseconds, `event_type` by its allowed value, null as a
+taken modulo the prime M = 2³¹-1, multiplied by its own constant and summed modulo M. An
+integer enters by two parts, v mod M and (v div M) mod M, each with its own constant: ids M
+apart (a user moving from company 1 to company 2³¹) would otherwise look the same; seconds
+are offset by 2³¹ first, so that no two of them fall on either side of zero M apart.
+Timestamps enter as epoch microseconds, by their residue alone (a second part would double
+the replica's cost of the conversion): times exactly 2147.483647 s apart look the same,
+which no ordinary edit produces. `event_type` enters by its allowed value, null as a
 constant. Plain 64-bit integer arithmetic that never overflows, so PostgreSQL (the replica
 and the pg warehouse), DuckDB and Redshift compute the same numbers for the same rows, and a
 sum does not depend on how the rows are stored. x² makes it sensitive to which row holds
@@ -40,6 +45,9 @@ COLUMNS = (
     ("company_id", 1_000_081), ("course_id", 1_000_099),
 )
 TIMESTAMP_COLUMNS = {"occurred_at", "created_at"}
+# the multipliers of the integers' high parts (v div M)
+HIGH_PART = {"event_id": 1_000_117, "user_id": 1_000_121, "lesson_id": 1_000_133, "seconds_spent": 1_000_151,
+             "company_id": 1_000_159, "course_id": 1_000_171}
 EVENT_TYPES = ("started", "progress", "completed")
 
 
@@ -67,13 +75,23 @@ def _as_integer(column: str, dialect: str) -> str:
     if column == "event_type":
         cases = " ".join(f"when '{v}' then {i}" for i, v in enumerate(EVENT_TYPES, start=1))
         return f"case {column} {cases} else 1000 + length({column}) end"
+    if column == "seconds_spent":  # an integer: never negative once offset
+        return f"(cast({column} as bigint) + 2147483648)"
     return f"cast({column} as bigint)"
+
+
+def _term(column: str, k: int, dialect: str) -> str:
+    value = _as_integer(column, dialect)
+    if column not in HIGH_PART:
+        return f"coalesce({value} % {M}, {NULL_VALUE}) * {k} % {M}"
+    div = "//" if dialect == "duckdb" else "/"  # truncating integer division on every engine
+    return (f"coalesce(({value} % {M}) * {k} + (({value} {div} {M}) % {M}) * {HIGH_PART[column]},"
+            f" {NULL_VALUE * k % M}) % {M}")
 
 
 def row_hash(dialect: str) -> str:
     """x for one row (column names as in fct_lesson_events), in (-M, M)."""
-    terms = [f"coalesce({_as_integer(c, dialect)} % {M}, {NULL_VALUE}) * {k} % {M}" for c, k in COLUMNS]
-    return "((" + " + ".join(terms) + f") % {M})"
+    return "((" + " + ".join(_term(c, k, dialect) for c, k in COLUMNS) + f") % {M})"
 
 
 def _sums(x: str, dialect: str) -> str:
