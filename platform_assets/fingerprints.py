@@ -5,24 +5,27 @@ A day's fingerprint is three exact integers: its row count, and the sums of x an
 where x is a row's hash: every column `fct_lesson_events` copies from the source (the user's
 current company and the lesson's current course included, models/marts/_marts.yml), each
 taken modulo the prime M = 2³¹-1, multiplied by its own constant and summed modulo M. An
-integer enters by two parts, v mod M and (v div M) mod M, each with its own constant: ids M
-apart (a user moving from company 1 to company 2³¹) would otherwise look the same; seconds
-are offset by 2³¹ first, so that no two of them fall on either side of zero M apart.
-Timestamps enter as epoch microseconds, by their residue alone (a second part would double
-the replica's cost of the conversion): times exactly 2147.483647 s apart look the same,
-which no ordinary edit produces. `event_type` enters by its allowed value, null as a
-constant. Plain 64-bit integer arithmetic that never overflows, so PostgreSQL (the replica
+integer enters by two parts, v mod M and (v div M) mod M, each with its own constant, so
+that non-negative ids M apart (a user moving from company 1 to company 2³¹), or any
+multiple of M below M², are told apart; seconds are offset by 2³¹ first, so that no two of
+them fall on either side of zero M apart. Timestamps enter as epoch microseconds, by their
+residue alone (a second part would evaluate the conversion twice in the replica's query):
+times a multiple of 2147.483647 s apart look the same, which no ordinary edit produces.
+`event_type` enters by its allowed value, null as a constant (the same as the value
+1,234,567). Plain 64-bit integer arithmetic that never overflows, so PostgreSQL (the replica
 and the pg warehouse), DuckDB and Redshift compute the same numbers for the same rows, and a
 sum does not depend on how the rows are stored. x² makes it sensitive to which row holds
 which value (a value swapped between two rows changes it), not only to column totals.
 
 A late insert of any age, an edit of any of those columns (with or without an `updated_at`
 bump), a hard delete, a user moving company or a lesson moving course changes the
-fingerprint of exactly the days whose rows they touch. It is not cryptographic: a change
-built to cancel out could go unseen; ordinary churn cannot plausibly (docs/change-detection.md).
+fingerprint of exactly the days whose rows they touch, but for the odds of a 31-bit hash:
+for any value some others, without structure, give the same term (company 100 and
+4,037,066,907), so a change goes unseen with a probability of about one in M per row. It is
+not cryptographic: a change built to cancel out could go unseen (docs/change-detection.md).
 
-Md5 of each row's text was the first design: the same guarantee, 2.5x the replica's time at
-8M events. Nothing is trusted but the two sides' contents: a day is refreshed while its
+Md5 of each row's text was the first design: 2.5x the replica's time of the hash with one
+part per value, at 8M events. Nothing is trusted but the two sides' contents: a day is refreshed while its
 fingerprints differ, whatever ran, failed or was counted as done in between. Each side is
 one aggregate query, run where the data is (the replica computes its own side).
 """
@@ -76,7 +79,7 @@ def _as_integer(column: str, dialect: str) -> str:
         cases = " ".join(f"when '{v}' then {i}" for i, v in enumerate(EVENT_TYPES, start=1))
         return f"case {column} {cases} else 1000 + length({column}) end"
     if column == "seconds_spent":  # an integer: never negative once offset
-        return f"(cast({column} as bigint) + 2147483648)"
+        return f"(cast({column} as bigint) + cast(2147483648 as bigint))"
     return f"cast({column} as bigint)"
 
 

@@ -1,8 +1,10 @@
 """The per-day fingerprint's row hash (platform_assets/fingerprints.py), attacked directly:
 PostgreSQL (the replica) and DuckDB compute the same x for the same rows, whatever the
 values (ids up to 2⁶³-1, negative seconds, nulls, microseconds), and a row whose one column
-changes gets another x: integers M apart or many M apart included (a time moved by exactly
-M microseconds is the documented blind spot: not tried)."""
+changes gets another x: an integer moved by 1, by M or by a multiple of M below M², or off
+by one from it; a time moved by a microsecond or an hour. (A time moved by a multiple of M
+microseconds, and the unstructured collisions of a 31-bit hash, are the documented blind
+spots: not tried.)"""
 
 from __future__ import annotations
 
