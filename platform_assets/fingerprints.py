@@ -25,9 +25,10 @@ for any value some others, without structure, give the same term (company 100 an
 not cryptographic: a change built to cancel out could go unseen (docs/change-detection.md).
 
 Md5 of each row's text was the first design: 2.5x the replica's time of the hash with one
-part per value, at 8M events. Nothing is trusted but the two sides' contents: a day is refreshed while its
-fingerprints differ, whatever ran, failed or was counted as done in between. Each side is
-one aggregate query, run where the data is (the replica computes its own side).
+part per value, at 8M events. Nothing is trusted but the two sides' contents: a day is
+refreshed while its fingerprints differ, whatever ran, failed or was counted as done in
+between. Each side is one aggregate query, run where the data is (the replica computes its
+own side).
 """
 
 from __future__ import annotations
