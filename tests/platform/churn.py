@@ -84,7 +84,8 @@ EVERY_KIND = [
 SHIFTED = [("companies", "created_at"), ("users", "created_at"), ("courses", "created_at"), ("courses", "updated_at"),
            ("enrollments", "completed_at"), ("enrollments", "created_at"), ("subscriptions", "ended_at")]
 KEYS = {"companies": "company_id", "users": "user_id", "courses": "course_id", "enrollments": "enrollment_id",
-        "subscriptions": "subscription_id", "teams": "team_id"}
+        "subscriptions": "subscription_id", "teams": "team_id", "team_memberships": "membership_id",
+        "certificates": "certificate_id"}
 pick = st.integers(0, BIG)
 OPS = st.one_of(
     # n events, hours late (up to the whole span), created_at backdated by hours (0: now)
@@ -140,6 +141,16 @@ def _nth(conn, schema: str, table: str, key: str, k: int, where: str = "true"):
         return None
     return conn.execute(sql.SQL("select {k} from {t} where " + where + " order by {k} offset %s limit 1").format(
         k=sql.Identifier(key), t=sql.Identifier(schema, table)), (k % count,)).fetchone()[0]
+
+
+def _delete_or_move_back(conn, schema: str, table: str, k: int, column: str, delete: bool, hours: int) -> None:
+    """The k-th row of `table` hard-deleted, or its `column` moved back by hours + 1."""
+    row = _nth(conn, schema, table, KEYS[table], k)
+    if row is not None:
+        change = "delete from {t}" if delete else "update {t} set {c} = {c} - make_interval(hours => %(h)s + 1)"
+        conn.execute(sql.SQL(change + " where {key} = %(row)s").format(
+            t=sql.Identifier(schema, table), c=sql.Identifier(column), key=sql.Identifier(KEYS[table])),
+            {"h": hours, "row": row})
 
 
 def apply(conn: psycopg.Connection, schema: str, op: tuple) -> None:
@@ -310,12 +321,7 @@ def apply(conn: psycopg.Connection, schema: str, op: tuple) -> None:
                                      " on conflict do nothing").format(t("team_memberships")),
                              (team, user, now, hours, now, now))
             return
-        membership = _nth(conn, schema, "team_memberships", "membership_id", k)
-        if membership is not None:
-            change = "delete from {}" if action == "leave" else \
-                "update {} set joined_at = joined_at - make_interval(hours => %(h)s + 1)"
-            conn.execute(sql.SQL(change + " where membership_id = %(m)s").format(t("team_memberships")),
-                         {"h": hours, "m": membership})
+        _delete_or_move_back(conn, schema, "team_memberships", k, "joined_at", action == "leave", hours)
     elif kind == "certificate":
         _, k, action, hours = op
         if action == "issue":
@@ -327,12 +333,7 @@ def apply(conn: psycopg.Connection, schema: str, op: tuple) -> None:
                                      " %s::timestamp - make_interval(hours => %s), %s from {} where enrollment_id = %s"
                                      ).format(t("certificates"), t("enrollments")), (now, hours, now, enrollment))
             return
-        certificate = _nth(conn, schema, "certificates", "certificate_id", k)
-        if certificate is not None:
-            change = "delete from {}" if action == "revoke" else \
-                "update {} set issued_at = issued_at - make_interval(hours => %(h)s + 1)"
-            conn.execute(sql.SQL(change + " where certificate_id = %(c)s").format(t("certificates")),
-                         {"h": hours, "c": certificate})
+        _delete_or_move_back(conn, schema, "certificates", k, "issued_at", action == "revoke", hours)
     elif kind == "edit_subscription":
         _, k, column, bump = op
         sub = _nth(conn, schema, "subscriptions", "subscription_id", k)
