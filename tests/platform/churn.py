@@ -15,8 +15,9 @@ facts until nothing more is requested, what the sensors and `make demo` do), and
 every mart and reporting relation with a `dbt run --full-refresh` of the same replica into a
 second warehouse: EXCEPT ALL both ways (as multisets in Python, since the two PostgreSQL
 warehouses are two databases), bookkeeping columns excluded by name.
-Each example merges the differing days into ranges with production's gap or with none
-(GAPS), so a missed day is not hidden by a range that covers it for another day's sake.
+Each example merges the differing days into ranges with production's gap, or only adjacent
+ones (GAPS): at gap 0 a missed day is not hidden by a range that covers it for another day's
+sake.
 
 Each engine has its own copy of the source schema on the primary (REPLICA_SCHEMA), so the
 churn never reaches other tests. `make test` runs CHURN_EXAMPLES=8 examples per engine,
@@ -531,8 +532,8 @@ class Churn:
     def __init__(self, put, pg_env, schema: str, reference: dict[str, str]):
         self.put, self.pg_env, self.schema, self.reference = put, pg_env, schema, reference
         # Per example, the differing days are merged into ranges as production does (gap 7) or
-        # not at all (gap 0), so that a day whose change the fingerprint missed is not rebuilt
-        # only because it lies between two days that differ.
+        # only when adjacent (gap 0), where a day whose change the fingerprint missed is not
+        # rebuilt merely because it lies between two days that differ.
         self.runners = {gap: Runner(replace(put.platform, daily_facts=replace(put.platform.daily_facts,
                                                                               max_gap_days=gap)),
                                     put.instance, progress=lambda _m: None) for gap in GAPS}
