@@ -9,6 +9,7 @@ import random
 import shutil
 import socket
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -231,3 +232,30 @@ def pg_env() -> Iterator[PgEnv]:
     finally:
         local.cluster.down()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def reset_moto(endpoint: str) -> None:
+    # moto's documented reset endpoint: its backends are per process, not per server.
+    request = urllib.request.Request(f"http://{endpoint}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200, response.status
+
+
+@pytest.fixture
+def moto_server() -> Iterator[str]:
+    """moto's threaded server on a free port, holding nothing: two servers in one xdist worker
+    share moto's state, so without the reset a test sees the buckets and objects of the last."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"{host}:{port}"
+    try:
+        reset_moto(endpoint)
+        yield endpoint
+    finally:
+        try:
+            reset_moto(endpoint)
+        finally:
+            server.stop()

@@ -28,7 +28,7 @@ from bi.export_store import (
 from bi.portal import write_accounts
 from platform_assets.export_writers import ExportTarget, duckdb_exporter, relations_from_manifest
 
-from ..conftest import free_port
+from ..conftest import free_port, reset_moto
 from ..platform.test_exports import AS_OF, MANIFEST, _company_ids, build_warehouse
 from .test_portal import _raw_get, start_portal, wait_for_portal
 
@@ -93,6 +93,7 @@ def test_exports_on_s3_are_served_to_their_company_only(tmp_path):
     try:
         host, port = server.get_host_and_port()
         endpoint = f"{host}:{port}"
+        reset_moto(endpoint)  # the worker's earlier moto servers left their buckets in its state
         s3 = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
         s3.create_bucket(Bucket=BUCKET)

@@ -19,7 +19,6 @@ import dagster as dg
 import duckdb
 import pytest
 import sqlglot
-from moto.server import ThreadedMotoServer
 from sqlglot import exp
 from sqlglot.tokens import TokenType
 
@@ -289,17 +288,11 @@ def test_partition_changes_order_is_numeric():
 
 # -- S3 (moto's server) -------------------------------------------------------------------------
 @pytest.fixture
-def moto_s3():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
-        client.create_bucket(Bucket="customer-exports")
-        yield client, f"{host}:{port}"
-    finally:
-        server.stop()
+def moto_s3(moto_server):
+    client = boto3.client("s3", endpoint_url=f"http://{moto_server}", region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket="customer-exports")
+    return client, moto_server
 
 
 def test_s3_export_through_moto(tmp_path, warehouse, moto_s3):
