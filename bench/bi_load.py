@@ -23,7 +23,7 @@ import requests
 from bi import dashboards
 from bi.__main__ import _servers, portal_environ
 from bi.export_store import export_store
-from bi.local import SERVICE_USER, load_or_create_secrets
+from bi.local import PORTAL_USER, load_or_create_secrets
 from bi.portal import EMBEDDED_EXPOSURE
 from bi.superset_api import SupersetClient
 
@@ -43,8 +43,8 @@ def main() -> int:
     if not superset.running_pid():
         raise SystemExit("Superset is not running: `make demo` (or `make bi`) first")
     provisioned = json.loads((superset.home / "provisioned.json").read_text())
-    client = SupersetClient(superset.url, SERVICE_USER, load_or_create_secrets(superset.home)[
-        "SUPERSET_SERVICE_PASSWORD"])
+    client = SupersetClient(superset.url, PORTAL_USER, load_or_create_secrets(superset.home)[
+        "SUPERSET_PORTAL_PASSWORD"])
     embedded = provisioned["embedded"][EMBEDDED_EXPOSURE]
     dashboard = dashboards.by_exposure()[EMBEDDED_EXPOSURE]
     ids = export_store(portal.export_uri, env).companies()[:n_companies]

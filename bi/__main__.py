@@ -12,7 +12,8 @@ the warehouse changed since the last copy, starts Superset (SUPERSET_PORT, 8088)
 in the background if they are not running, writes Superset's address and service account into
 `.local/platform.env` (Dagster's dashboards assets provision and warm the dashboards after each
 refresh), provisions the dashboards once a copy exists (skipped when their definition is
-unchanged), makes the portal accounts, and prints where to click; `start` does the same
+unchanged), sees that the portal's Superset account exists (guest tokens only), makes the
+portal accounts, and prints where to click; `start` does the same
 without the last part. `down` stops both, `status` says whether they run, `publish` publishes
 the BI copy only. `secrets` (the end of `make up`) generates the installation's secrets if they
 do not exist yet: Superset's in `<LOCAL_DIR>/bi/secrets.env`, the portal's session key.
@@ -134,8 +135,7 @@ def up(env: dict[str, str], announce: bool = True) -> int:
 
     from . import dashboards
     from .dashboards import Provisioned
-    from .local import SERVICE_USER, load_or_create_secrets, provision
-    from .superset_api import SupersetClient
+    from .local import SERVICE_USER, ensure_portal_account, provision, service_client
 
     started = time.monotonic()
     superset, portal = _servers(env)
@@ -151,17 +151,18 @@ def up(env: dict[str, str], announce: bool = True) -> int:
     state = superset.home / "provisioned.json"
     previous = read_json(state, {})
     if not copy.exists():
-        print("  no BI copy yet: Dagster's dashboards assets provision the dashboards once the marts are built")
+        print("  no BI copy yet: Dagster's dashboards assets provision the dashboards once the marts are built; "
+              "the portal shows its dashboard after the next `make bi`")
     elif previous.get("digest") != digest:
         _, provisioned = provision(superset, copy, origins)
         write_private(state, json.dumps({**read_json(state, {}), "digest": digest}, indent=1))
         print(f"  dashboards provisioned: {', '.join(sorted(provisioned.dashboards))}")
     elif published.startswith("BI copy published"):
-        client = SupersetClient(superset.url, SERVICE_USER,
-                                load_or_create_secrets(superset.home)["SUPERSET_SERVICE_PASSWORD"])
-        client.invalidate(Provisioned(**{k: v for k, v in previous.items() if k != "digest"}),
-                          f"BI copy published {datetime.now(UTC).isoformat(timespec='seconds')}")
+        service_client(superset).invalidate(Provisioned(**{k: v for k, v in previous.items() if k != "digest"}),
+                                            f"BI copy published {datetime.now(UTC).isoformat(timespec='seconds')}")
         print("  cached chart results of the previous copy dropped")
+    if ensure_portal_account(superset):
+        print("  the portal's Superset account (guest tokens only) set up")
     companies = export_store(portal.export_uri, env).companies()
     created = write_accounts(portal.home, companies)
     portal.start()

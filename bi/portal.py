@@ -16,9 +16,11 @@ Embedding (when SUPERSET_URL is set, as `make bi` does): the page loads the embe
 (bi/embed, `npm ci` from its lockfile; served from here) and mounts the dashboard
 `customer_training_dashboard` (bi/dashboards.py; the only one marked embeddable, checked at
 start). The SDK asks `POST /api/guest-token` for a guest token, which this backend requests
-from Superset as its service account with the RLS clause `company_id = <id>`, the integer of
-the signed-in session, never anything from the request. The embedded dashboard's uuid is read
-from SUPERSET_PROVISIONED (the provisioned.json `python -m bi up` writes).
+from Superset as its own account (SUPERSET_PORTAL_USER: guest tokens and nothing else, never
+the Admin that provisions) with the RLS clause `company_id = <id>`, the integer of the
+signed-in session, never anything from the request. The embedded dashboard's uuid is
+SUPERSET_EMBEDDED_UUID, else read from SUPERSET_PROVISIONED (the provisioned.json `python -m
+bi up` writes): the portal's account cannot look dashboards up.
 
 Exports: `GET /api/exports/<company_id>/training_report.csv|parquet` answers 401 without a
 session, 403 for another company's id, 404 for anything but a plain company id and a known
@@ -38,12 +40,10 @@ import os
 import re
 import secrets
 import tempfile
-import threading
 import time
 import uuid as uuids
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs
 
 import anyio
@@ -81,7 +81,6 @@ from .superset_api import SupersetClient, SupersetError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SDK_BUNDLE = REPO_ROOT / "bi" / "embed" / "node_modules" / "@superset-ui" / "embedded-sdk" / "bundle" / "index.js"
 EMBEDDED_EXPOSURE = "customer_training_dashboard"
-LOOKUP_SECONDS = 30  # how long the portal trusts Superset's answer about the embedded dashboard
 
 _COMPANY_ID = re.compile(r"[1-9][0-9]{0,18}")
 SSO_MAX_AGE_S = 60
@@ -162,30 +161,41 @@ def write_accounts(home: Path, company_ids: list[int]) -> dict[str, str]:
 
 
 # -- settings ---------------------------------------------------------------------------------
-EMBED_VARIABLES = ("SUPERSET_SERVICE_USER", "SUPERSET_SERVICE_PASSWORD", "SUPERSET_PROVISIONED")
+EMBED_VARIABLES = ("SUPERSET_PORTAL_USER", "SUPERSET_PORTAL_PASSWORD")
+EMBEDDED_UUID_VARIABLES = ("SUPERSET_EMBEDDED_UUID", "SUPERSET_PROVISIONED")
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
     superset_url: str  # what this backend calls
     public_url: str  # what the browser loads the embedded dashboard from
-    service_user: str
-    service_password: str = field(repr=False)
-    provisioned: Path  # provisioned.json: the embedded dashboard's uuid
+    user: str
+    password: str = field(repr=False)
+    embedded_uuid: str | None  # SUPERSET_EMBEDDED_UUID, when set
+    provisioned: Path | None  # else provisioned.json, which holds it once provisioned
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> EmbedConfig | None:
         if "SUPERSET_URL" not in env:
             return None
-        missing = [name for name in EMBED_VARIABLES if name not in env]
+        missing = [name for name in EMBED_VARIABLES if not env.get(name)]
+        if not any(env.get(name) for name in EMBEDDED_UUID_VARIABLES):
+            missing.append(" or ".join(EMBEDDED_UUID_VARIABLES))
         if missing:
             raise PortalError(f"SUPERSET_URL is set, so the portal also needs {', '.join(missing)} "
                               "(make bi sets them locally)")
+        embedded_uuid = env.get("SUPERSET_EMBEDDED_UUID") or None
+        if embedded_uuid is not None:
+            try:
+                embedded_uuid = str(uuids.UUID(embedded_uuid))
+            except ValueError:
+                raise PortalError(f"SUPERSET_EMBEDDED_UUID is not a uuid: {embedded_uuid!r}") from None
         if not SDK_BUNDLE.is_file():
             raise PortalError(f"{SDK_BUNDLE} is missing: `make venv` installs the embedded SDK (npm ci in bi/embed)")
         return cls(superset_url=env["SUPERSET_URL"], public_url=env.get("SUPERSET_PUBLIC_URL", env["SUPERSET_URL"]),
-                   service_user=env["SUPERSET_SERVICE_USER"], service_password=env["SUPERSET_SERVICE_PASSWORD"],
-                   provisioned=Path(env["SUPERSET_PROVISIONED"]))
+                   user=env["SUPERSET_PORTAL_USER"], password=env["SUPERSET_PORTAL_PASSWORD"],
+                   embedded_uuid=embedded_uuid,
+                   provisioned=Path(env["SUPERSET_PROVISIONED"]) if env.get("SUPERSET_PROVISIONED") else None)
 
 
 @dataclass(frozen=True)
@@ -313,7 +323,7 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
     sso = URLSafeTimedSerializer(config.sso_secret, salt="portal-sso") if config.sso_secret else None
     sessions = Sessions()
     embed = config.embed
-    superset = SupersetClient(embed.superset_url, embed.service_user, embed.service_password) if embed else None
+    superset = SupersetClient(embed.superset_url, embed.user, embed.password) if embed else None
     if embed and by_exposure()[EMBEDDED_EXPOSURE].embedded is not True:
         raise PortalError(f"{EMBEDDED_EXPOSURE} is not marked embeddable in bi/dashboards.py")
     login_slots: anyio.CapacityLimiter | None = None  # made on the event loop, at the first sign-in
@@ -338,25 +348,13 @@ def create_app(config: PortalConfig | None = None) -> Starlette:
                 return None
         return current
 
-    looked_up: dict[str, Any] = {"uuid": None, "at": -LOOKUP_SECONDS}
-    lookup_lock = threading.Lock()
-
     def embedded_uuid() -> str | None:
-        """The embedded dashboard's uuid, once provisioned (`python -m bi up` or the Dagster
-        dashboards asset): from provisioned.json, else asked of Superset at most once per
-        LOOKUP_SECONDS (one request at a time, so a Superset that is down costs one timeout)."""
+        """The embedded dashboard's uuid: SUPERSET_EMBEDDED_UUID, else provisioned.json's once
+        `python -m bi up` has provisioned (read per request: provisioning replaces the file)."""
+        if embed.embedded_uuid is not None:
+            return embed.embedded_uuid
         found = read_json(embed.provisioned, {}).get("embedded", {})
         value = found.get(EMBEDDED_EXPOSURE) if isinstance(found, dict) else None
-        if value is None:
-            with lookup_lock:
-                if time.monotonic() - looked_up["at"] >= LOOKUP_SECONDS:
-                    looked_up["at"] = time.monotonic()
-                    try:
-                        looked_up["uuid"] = superset.embedded_uuid(by_exposure()[EMBEDDED_EXPOSURE].uuid)
-                    except (SupersetError, requests.RequestException) as exc:
-                        log.warning(f"embedded dashboard not found in Superset: {exc}")
-                        looked_up["uuid"] = None
-                value = looked_up["uuid"]
         try:  # it goes into the page's script: a uuid and nothing else
             return str(uuids.UUID(value)) if isinstance(value, str) else None
         except ValueError:

@@ -1,5 +1,6 @@
 """Superset's REST API, as the platform's service account uses it: provisioning the
-dashboards (import format), their embedding, the guest role, and guest tokens.
+dashboards (import format), their embedding, the guest role and the portal's account; and
+guest tokens, as the portal's account asks for them.
 
 Only documented endpoints (`/api/v1/...`, Superset's OpenAPI): login for a JWT, a CSRF
 token for the state-changing calls, the dashboard import, the embedded-dashboard config,
@@ -29,6 +30,12 @@ GUEST_PERMISSIONS = {
     ("can_read", "CssTemplate"), ("can_read", "CurrentUserRestApi"), ("can_read", "AvailableDomains"),
     ("can_get_embedded", "Dashboard"), ("can_get", "MenuApi"), ("can_list", "AsyncEventsRestApi"),
 }
+# The portal's own account: a CSRF token and guest tokens, nothing else (no dashboard, chart,
+# dataset or SQL Lab). A compromised portal can still ask for any one company's token, but
+# never run a query of its own, edit a dataset or get an unfiltered token: Superset's
+# GUEST_TOKEN_VALIDATOR_HOOK (bi/superset/superset_config.py) grants only one-company tokens.
+PORTAL_ROLE = "PortalGuestTokens"
+PORTAL_PERMISSIONS = {("can_grant_guest_token", "SecurityRestApi"), ("can_read", "SecurityRestApi")}
 
 
 class SupersetError(RuntimeError):
@@ -36,7 +43,7 @@ class SupersetError(RuntimeError):
 
 
 class SupersetClient:
-    """A logged-in session of one Superset user (the service account)."""
+    """A logged-in session of one Superset user (the service account, or the portal's)."""
 
     def __init__(self, url: str, username: str, password: str, timeout: float = 60):
         self.url, self.timeout = url.rstrip("/"), timeout
@@ -108,14 +115,15 @@ class SupersetClient:
                                           timeout=self.timeout)
                 if r.status_code not in (200, 404):
                     raise SupersetError(f"disable embedding of {d.exposure}: HTTP {r.status_code}")
-        self.ensure_guest_role()
+        self.ensure_role(GUEST_ROLE, GUEST_PERMISSIONS)
+        self.ensure_role(PORTAL_ROLE, PORTAL_PERMISSIONS)
         return out
 
-    def ensure_guest_role(self) -> None:
+    def ensure_role(self, name: str, permissions: set[tuple[str, str]]) -> int:
+        """The role `name` with exactly `permissions` (created if missing); returns its id."""
         roles = self.call("GET", "/api/v1/security/roles/",
-                          params={"q": f"(filters:!((col:name,opr:eq,value:{GUEST_ROLE})))"})["result"]
-        role_id = roles[0]["id"] if roles else self.call("POST", "/api/v1/security/roles/",
-                                                          json={"name": GUEST_ROLE})["id"]
+                          params={"q": f"(filters:!((col:name,opr:eq,value:{name})))"})["result"]
+        role_id = roles[0]["id"] if roles else self.call("POST", "/api/v1/security/roles/", json={"name": name})["id"]
         pvms, page = [], 0
         while True:
             batch = self.call("GET", "/api/v1/security/permissions-resources/",
@@ -124,10 +132,33 @@ class SupersetClient:
             if len(batch) < 100:
                 break
             page += 1
-        ids = sorted(p["id"] for p in pvms
-                     if (p["permission"]["name"], p["view_menu"]["name"]) in GUEST_PERMISSIONS)
+        found = {(p["permission"]["name"], p["view_menu"]["name"]): p["id"] for p in pvms}
+        if missing := sorted(permissions - found.keys()):
+            raise SupersetError(f"role {name}: Superset has no permission {missing}")
         self.call("POST", f"/api/v1/security/roles/{role_id}/permissions",
-                  json={"permission_view_menu_ids": ids})
+                  json={"permission_view_menu_ids": sorted(found[p] for p in permissions)})
+        return role_id
+
+    def ensure_portal_account(self, username: str, password: str) -> bool:
+        """The portal's account: active, PORTAL_ROLE its only role, in no group (a group's roles
+        count too), signing in with this password; repaired if not. Returns whether it changed."""
+        q = f"(filters:!((col:username,opr:eq,value:'{username}')),columns:!(id,active,roles.name,groups))"
+        users = self.call("GET", "/api/v1/security/users/", params={"q": q})["result"]
+        if users and users[0]["active"] and not users[0].get("groups") \
+                and [r["name"] for r in users[0]["roles"]] == [PORTAL_ROLE]:
+            try:
+                SupersetClient(self.url, username, password, self.timeout).session()
+                return False
+            except SupersetError:
+                pass  # another password: set this one
+        fields = {"roles": [self.ensure_role(PORTAL_ROLE, PORTAL_PERMISSIONS)], "groups": [], "password": password,
+                  "first_name": "Customer", "last_name": "Portal", "email": f"{username}@localhost",
+                  "username": username, "active": True}
+        if users:
+            self.call("PUT", f"/api/v1/security/users/{users[0]['id']}", json=fields)
+        else:
+            self.call("POST", "/api/v1/security/users/", json=fields)
+        return True
 
     def invalidate(self, provisioned: Provisioned, note: str) -> None:
         """A new BI copy: bump every dataset's changed_on (part of each cached result's key),
@@ -142,18 +173,6 @@ class SupersetClient:
             result = self.call("GET", f"/api/v1/chart/{provisioned.charts[c.uuid]}/data/")
             rows += sum(q.get("rowcount", 0) for q in result["result"])
         return rows
-
-    def embedded_uuid(self, dashboard_uuid: str) -> str | None:
-        """The uuid a dashboard is embedded by, or None when it is not provisioned or not embedded."""
-        found = self.find("dashboard", "uuid", dashboard_uuid, ["id"])
-        if not found:
-            return None
-        r = self.session().get(f"{self.url}/api/v1/dashboard/{found[0]['id']}/embedded", timeout=self.timeout)
-        if r.status_code == 404:
-            return None
-        if r.status_code >= 400:
-            raise SupersetError(f"GET embedded config of dashboard {dashboard_uuid}: HTTP {r.status_code}")
-        return r.json()["result"]["uuid"]
 
     # -- embedding --------------------------------------------------------------------------
     def guest_token(self, embedded_uuid: str, username: str, rls_clause: str) -> str:

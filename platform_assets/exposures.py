@@ -222,6 +222,8 @@ def dashboard_assets(dashboards: list[Dashboard], automation: dg.AutomationCondi
                 "rows_warmed": rows,
                 "warm_seconds": round(time.monotonic() - started, 2),
                 "embedded": definition.embedded,
+                # what the portal is given as SUPERSET_EMBEDDED_UUID (its account cannot look it up)
+                **({"embedded_uuid": provisioned.embedded[d.name]} if d.name in provisioned.embedded else {}),
                 **({DATA_AS_OF: dg.MetadataValue.timestamp(min(built.values()))} if built else {}),
             })
 

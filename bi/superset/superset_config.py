@@ -7,6 +7,7 @@ first `make up` into .local/bi/secrets.env (mode 0600) and never written anywher
 
 import os
 import re
+import uuid
 
 SECRET_KEY = os.environ["SUPERSET_SECRET_KEY"]
 GUEST_TOKEN_JWT_SECRET = os.environ["SUPERSET_GUEST_TOKEN_JWT_SECRET"]
@@ -18,6 +19,30 @@ FEATURE_FLAGS = {"EMBEDDED_SUPERSET": True}
 # (bi/superset_api.py creates it). Its data is further cut by the token's RLS clause.
 GUEST_ROLE_NAME = "EmbeddedGuest"
 GUEST_TOKEN_JWT_EXP_SECONDS = int(os.environ.get("SUPERSET_GUEST_TOKEN_SECONDS", "300"))
+_COMPANY_CLAUSE = re.compile(r"company_id = ([1-9][0-9]{0,18})")  # the portal's company ids
+
+
+def _company_token_only(body: dict) -> bool:
+    """A guest token names embedded dashboards by their embedding uuid only (Superset also takes
+    a dashboard's id, slug or own uuid, and ours are in the repository) and carries exactly one
+    RLS clause, on one company: whoever may ask for tokens cannot ask for an unfiltered one."""
+    from superset.daos.dashboard import EmbeddedDashboardDAO
+
+    rls, resources = body.get("rls") or [], body.get("resources") or []
+    clause = _COMPANY_CLAUSE.fullmatch(str(rls[0].get("clause", ""))) if len(rls) == 1 else None
+    if clause is None or rls[0].get("dataset") is not None or int(clause[1]) > 2**63 - 1:
+        return False
+    for resource in resources:
+        try:
+            embedding = str(uuid.UUID(str(resource.get("id"))))
+        except ValueError:
+            return False
+        if resource.get("type") != "dashboard" or EmbeddedDashboardDAO.find_by_id(embedding) is None:
+            return False
+    return bool(resources)
+
+
+GUEST_TOKEN_VALIDATOR_HOOK = _company_token_only
 # The roles API (creating EmbeddedGuest) is off by default in Flask-AppBuilder.
 FAB_ADD_SECURITY_API = True
 

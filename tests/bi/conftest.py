@@ -17,7 +17,7 @@ import pytest
 
 from bi import dashboards
 from bi.dashboards import Provisioned
-from bi.local import SUPERSET_VENV, PortalServer, SupersetServer, provision
+from bi.local import SUPERSET_VENV, PortalServer, SupersetServer, ensure_portal_account, provision
 from bi.portal import write_accounts
 from bi.superset_api import SupersetClient
 from bi.warehouse_copy import publish_copy
@@ -97,6 +97,7 @@ def bi_stack(pg_env, tmp_path_factory) -> Iterator[BiStack]:
     portal = PortalServer(folder / "portal", portal_port, superset, str(exports))
     try:
         client, provisioned = provision(superset, copy, [portal_origin])
+        assert ensure_portal_account(superset, client)  # as `python -m bi up` does
         accounts = write_accounts(portal.home, companies)
         portal.start()
         yield BiStack(folder=folder, warehouse=warehouse, copy=copy, dbt=runner, superset=superset, portal=portal,

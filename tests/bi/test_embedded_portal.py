@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -178,6 +179,67 @@ def test_a_guest_cannot_reach_sql_lab_or_the_dataset_lists(bi_stack, method, pat
         assert r.status_code in (401, 403), detail
 
 
+def test_the_portal_account_asks_for_one_company_tokens_and_nothing_else(bi_stack):
+    """The portal's own Superset account gets a guest token for the embedded dashboard with one
+    company's clause, and nothing else: no widened or unfiltered token, none for another
+    dashboard (by its id, slug or own uuid), no list or data of dashboards, charts, datasets,
+    databases or users, no SQL Lab. Nor does the Admin get a token outside that shape."""
+    from bi.local import PORTAL_USER, load_or_create_secrets
+    from bi.superset_api import SupersetClient
+
+    url, a = bi_stack.superset.url, bi_stack.companies[0]
+    password = load_or_create_secrets(bi_stack.superset.home)["SUPERSET_PORTAL_PASSWORD"]
+    portal = SupersetClient(url, PORTAL_USER, password)
+    # an account widened (Admin) or given another password by hand is put back
+    q = f"(filters:!((col:username,opr:eq,value:'{PORTAL_USER}')),columns:!(id))"
+    user_id = bi_stack.client.call("GET", "/api/v1/security/users/", params={"q": q})["result"][0]["id"]
+    admin_role = bi_stack.client.call("GET", "/api/v1/security/roles/",
+                                      params={"q": "(filters:!((col:name,opr:eq,value:Admin)))"})["result"][0]["id"]
+    for change in ({"roles": [admin_role]}, {"password": "another-password-1"}):
+        bi_stack.client.call("PUT", f"/api/v1/security/users/{user_id}", json=change)
+        assert bi_stack.client.ensure_portal_account(PORTAL_USER, password), change
+    assert not bi_stack.client.ensure_portal_account(PORTAL_USER, password)
+    embedded = bi_stack.provisioned.embedded[EMBEDDED_EXPOSURE]
+    token = portal.guest_token(embedded, "portal-test", f"company_id = {a}")
+    r = post_chart_data(bi_stack, token, chart_request(bi_stack, OVERVIEW_TABLE))
+    assert r.status_code == 200 and r.json()["result"][0]["data"] == overview_rows(bi_stack, a), r.text
+
+    mrr = dashboards.by_exposure()["revenue_mrr_dashboard"]
+    one = [{"clause": f"company_id = {a}"}]
+    refused = [([embedded], rls) for rls in (
+        [], [{"clause": "1 = 1"}], [{"clause": f"company_id = {a} or 1 = 1"}], [{"clause": f"company_id = {a};"}],
+        [{"clause": f"company_id = {a}", "dataset": bi_stack.provisioned.datasets[OVERVIEW_TABLE.dataset.key]}],
+        one + [{"clause": f"company_id = {bi_stack.companies[1]}"}])]
+    refused += [(ids, one) for ids in (
+        [], [str(bi_stack.provisioned.dashboards[mrr.exposure])], [mrr.slug], [mrr.uuid], [CUSTOMER.uuid],
+        [CUSTOMER.slug], [embedded, mrr.uuid], ["00000000-0000-0000-0000-000000000000"])]
+    def paced(client: SupersetClient, method: str, path: str, **kwargs) -> requests.Response:
+        # Superset allows 50 requests a second from one address (RATELIMIT_APPLICATION)
+        for _ in range(10):
+            r = client.session().request(method, f"{url}{path}", allow_redirects=False, timeout=30, **kwargs)
+            if r.status_code != 429:
+                return r
+            time.sleep(1)
+        return r
+
+    for client in (portal, bi_stack.client):
+        for ids, rls in refused:
+            body = {"user": {"username": "x", "first_name": "x", "last_name": ""},
+                    "resources": [{"type": "dashboard", "id": i} for i in ids], "rls": rls}
+            r = paced(client, "POST", "/api/v1/security/guest_token/", json=body)
+            assert r.status_code == 400, (client is portal, ids, rls, r.status_code, r.text[:300])
+
+    chart_id = bi_stack.provisioned.charts[OVERVIEW_TABLE.uuid]
+    for method, path in (("GET", "/api/v1/dashboard/"), ("GET", "/api/v1/chart/"), ("GET", "/api/v1/dataset/"),
+                         ("GET", "/api/v1/database/"), ("GET", f"/api/v1/chart/{chart_id}/data/"),
+                         ("GET", f"/api/v1/dashboard/{CUSTOMER.slug}/embedded"), ("GET", "/api/v1/security/users/"),
+                         ("GET", "/api/v1/security/roles/"), ("GET", "/api/v1/sqllab/"),
+                         ("POST", "/api/v1/sqllab/execute/")):
+        body = {"database_id": 1, "sql": "select * from reporting.rpt_company_training_overview"}
+        r = paced(portal, method, path, json=body if method == "POST" else None)
+        assert r.status_code in (401, 403), (path, r.status_code, r.text[:300])
+
+
 def raw_get(url: str, path: str, cookies: dict[str, str]) -> http.client.HTTPResponse:
     """A GET with the path sent exactly as written (no client-side dot-segment cleanup)."""
     parts = urlsplit(url)
@@ -248,7 +310,7 @@ def test_secrets_stay_in_their_0600_file(bi_stack):
     home, portal = bi_stack.superset.home, bi_stack.portal.home
     secrets_file = home / "secrets.env"
     values = dict(line.split("=", 1) for line in secrets_file.read_text().splitlines() if "=" in line)
-    assert len(values) == 3 and all(len(v) >= 40 for v in values.values())
+    assert len(values) == 4 and all(len(v) >= 40 for v in values.values())
     values["PORTAL_SESSION_SECRET"] = json.loads((portal / "secrets.json").read_text())["session_secret"]
     for path in (secrets_file, portal / "secrets.json", portal / "accounts.txt", portal / "accounts.json"):
         assert path.stat().st_mode & 0o777 == 0o600, path.name

@@ -291,7 +291,12 @@ def test_portal_settings_are_checked_and_named(tmp_path):
                          ({"EXPORT_URI": "ftp://host/exports"}, "EXPORT_URI='ftp://host/exports' must be"),
                          ({"EXPORT_S3_USE_SSL": "maybe"}, "EXPORT_S3_USE_SSL='maybe'"),
                          ({"PORTAL_HOME": ""}, "PORTAL_HOME"),
-                         ({"SUPERSET_URL": "http://127.0.0.1:1"}, "SUPERSET_SERVICE_USER, SUPERSET_SERVICE_PASSWORD")):
+                         ({"SUPERSET_URL": "http://127.0.0.1:1"},
+                          "SUPERSET_PORTAL_USER, SUPERSET_PORTAL_PASSWORD, "
+                          "SUPERSET_EMBEDDED_UUID or SUPERSET_PROVISIONED"),
+                         ({"SUPERSET_URL": "http://127.0.0.1:1", "SUPERSET_PORTAL_USER": "u",
+                           "SUPERSET_PORTAL_PASSWORD": "p", "SUPERSET_EMBEDDED_UUID": "../1"},
+                          "SUPERSET_EMBEDDED_UUID is not a uuid: '../1'")):
         with pytest.raises(PortalError, match=re.escape(named)):
             PortalConfig.from_env({**base, **extra})
     assert PortalConfig.from_env({**base, "PORTAL_HTTPS_ONLY": "true"}).https_only
@@ -304,8 +309,39 @@ def test_portal_settings_are_checked_and_named(tmp_path):
         write_accounts(tmp_path, [1])
 
 
+def test_the_local_portal_gets_its_own_settings_and_restarts_when_they_change(tmp_path, monkeypatch):
+    """The portal process is given the portal's Superset account, never the Admin's password,
+    Superset's keys or a stale embedded uuid from the caller's shell; `start` leaves a portal
+    running with today's settings alone and restarts one started with others."""
+    from bi.local import PORTAL_USER, PortalServer, SupersetServer
+
+    shell = ("SUPERSET_SERVICE_USER", "SUPERSET_SERVICE_PASSWORD", "SUPERSET_GUEST_TOKEN_JWT_SECRET",
+             "SUPERSET_SECRET_KEY", "SUPERSET_EMBEDDED_UUID", "SUPERSET_METADATA_URI")
+    for name in shell:
+        monkeypatch.setenv(name, f"shell-{name}")
+    monkeypatch.setenv("SUPERSET_PUBLIC_URL", "https://bi.example.com")
+    monkeypatch.delenv("PORTAL_SSO_SECRET", raising=False)
+    (tmp_path / "exports").mkdir()
+    portal = PortalServer(tmp_path / "portal", free_port(), SupersetServer(tmp_path / "bi", free_port()),
+                          str(tmp_path / "exports"))
+    env = portal.environ()
+    assert env["SUPERSET_PORTAL_USER"] == PORTAL_USER and env["SUPERSET_PUBLIC_URL"] == "https://bi.example.com"
+    assert not set(shell) & env.keys() and not [v for v in env.values() if v.startswith("shell-")]
+    try:
+        assert portal.start() is not None
+        pid = portal.running_pid()
+        assert portal.start() is None and portal.running_pid() == pid  # nothing changed: left running
+        monkeypatch.setenv("PORTAL_SSO_SECRET", "k" * 48)
+        assert portal.start() is not None
+        assert portal.running_pid() not in (None, pid)
+        assert requests.get(f"{portal.url}/health", timeout=30).status_code == 200
+    finally:
+        portal.stop()
+    assert not (portal.home / "portal.started").exists()
+
+
 def test_make_up_generates_the_bi_secrets_once(tmp_path):
-    """`make up` ends with `python -m bi secrets`: Superset's keys and service password and the
+    """`make up` ends with `python -m bi secrets`: Superset's keys, its two accounts' passwords and the
     portal's session key exist, 0600, before anything starts, are kept by a second call, and
     none is printed."""
     env = {**os.environ, "LOCAL_DIR": str(tmp_path), "PLATFORM_ENV_FILE": str(tmp_path / "none.env"),
@@ -324,7 +360,7 @@ def test_make_up_generates_the_bi_secrets_once(tmp_path):
     values = [line.split("=", 1)[1] for line in kept[0][tmp_path / "bi" / "secrets.env"].splitlines()
               if "=" in line and not line.startswith("#")]
     values.append(json.loads(kept[0][tmp_path / "portal" / "secrets.json"])["session_secret"])
-    assert len(values) == 4 and all(len(v) >= 32 for v in values)
+    assert len(values) == 5 and all(len(v) >= 32 for v in values)
     assert not any(v in run.stdout + run.stderr for v in values for run in runs)
     prod = subprocess.run([sys.executable, "-m", "bi", "secrets"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=120, env={**env, "LOCAL_DIR": str(tmp_path / "prod"), "PLATFORM_ENV": "prod"})
