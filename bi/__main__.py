@@ -9,7 +9,8 @@ must be given). PORTAL_HOME and PORTAL_SESSION_SECRET set in the environment win
 
 `up` (make bi, and the start and end of make demo) publishes the BI copy of the warehouse when
 the warehouse changed since the last copy, starts Superset (SUPERSET_PORT, 8088) and the portal
-in the background if they are not running, writes Superset's address and service account into
+in the background if they are not running (restarting either when its settings or code changed
+since it started), writes Superset's address and service account into
 `.local/platform.env` (Dagster's dashboards assets provision and warm the dashboards after each
 refresh), provisions the dashboards once a copy exists (skipped when their definition is
 unchanged), sees that the portal's Superset account exists (guest tokens only), makes the
@@ -198,7 +199,7 @@ def down(env: dict[str, str]) -> int:
 def status(env: dict[str, str]) -> int:
     superset, portal = _servers(env)
     for name, server in (("Superset", superset), ("portal", portal)):
-        pid = server.running_pid()
+        pid = server.owned_pid()
         print(f"  {name:<9} {'running, pid ' + str(pid) + ', ' + server.url if pid else 'stopped'}")
     return 0
 

@@ -29,6 +29,7 @@ from .portal import write_private
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUPERSET_VENV = Path(os.environ.get("SUPERSET_VENV", REPO_ROOT / ".venv-superset"))
 CONFIG_PATH = REPO_ROOT / "bi" / "superset" / "superset_config.py"
+REQUIREMENTS = CONFIG_PATH.parent / "requirements-superset.txt"
 SERVICE_USER = "platform-service"  # an Admin: provisions the dashboards
 PORTAL_USER = "customer-portal"  # asks for guest tokens only (bi/superset_api.py: PORTAL_ROLE)
 SECRET_NAMES = ("SUPERSET_SECRET_KEY", "SUPERSET_GUEST_TOKEN_JWT_SECRET", "SUPERSET_SERVICE_PASSWORD",
@@ -84,8 +85,9 @@ class LocalServer:
     def pidfile(self) -> Path:
         return self.home / f"{self.name}.pid"
 
-    # what the process reads once, at start: a change to one restarts it (start_if_changed)
+    # what the process reads once, at start: a change to one restarts it (running_as_configured)
     reads_at_start: tuple[Path, ...] = ()
+    cmdline_marker: bytes  # in the command line of this server's process (/proc/<pid>/cmdline)
 
     def environ(self) -> dict[str, str]:
         raise NotImplementedError
@@ -93,35 +95,66 @@ class LocalServer:
     def running_pid(self) -> int | None:
         return running_pid(self.pidfile)
 
+    @property
+    def stampfile(self) -> Path:
+        return self.home / f"{self.name}.started"
+
+    def _stamp(self) -> dict:
+        try:
+            found = json.loads(self.stampfile.read_text())
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def owned_pid(self) -> int | None:
+        """The live process the pid file names, if it is this server: a pid that another process
+        took after a crash is not (its start time, else its command line, tells)."""
+        pid = self.running_pid()
+        if pid is None or not Path("/proc/self/stat").exists():
+            return pid  # no /proc: the pid file is all there is
+        stamp = self._stamp()
+        if stamp.get("pid") == pid and stamp.get("started") == process_started(pid):
+            return pid
+        try:
+            return pid if self.cmdline_marker in Path(f"/proc/{pid}/cmdline").read_bytes() else None
+        except OSError:
+            return None
+
     def started_with(self) -> str:
-        """A digest of the platform's own settings (not the shell's PATH and the like) and the
-        files the process reads at start; a running process whose digest differs is stale."""
-        digest = hashlib.sha256(json.dumps({k: v for k, v in self.environ().items() if k not in INHERITED},
-                                           sort_keys=True).encode())
+        """A digest of the server's settings (not the shell's PATH and the like) and the files
+        it reads at start; a running process whose digest differs is stale."""
+        settings = {k: v for k, v in self.environ().items() if k not in SHELL_ONLY}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         digest.update(repr(self).encode())  # the port, workers and threads
         for path in self.reads_at_start:
             digest.update(path.read_bytes())
         return digest.hexdigest()
 
     def running_as_configured(self) -> int | None:
-        """The live process, if it runs with today's settings and code; one started otherwise
-        (an upgrade, a new secret, another port) is stopped, so that start() starts it anew."""
-        pid = self.running_pid()
-        stamp = self.home / f"{self.name}.started"
-        if pid and (not stamp.exists() or stamp.read_text() != self.started_with()):
-            print(f"  {self.name}: settings or code changed since it started; restarting it")
+        """This server's live process, if it runs with today's settings and code; one started
+        otherwise (an upgrade, a new secret, another port) is stopped, so that start() starts
+        it anew. A stale pid file is dropped."""
+        pid = self.owned_pid()
+        if pid is None:
+            self.pidfile.unlink(missing_ok=True)
+            return None
+        if self._stamp().get("with") != self.started_with():
+            print(f"  {self.name}: its settings or code changed since it started; restarting it")
             self.stop()
             return None
         return pid
 
     def spawn(self, cmd: list[str], cwd: Path, timeout: float) -> subprocess.Popen:
         proc = spawn(cmd, self.environ(), cwd, self.log, self.pidfile, f"{self.url}/health", timeout)
-        write_private(self.home / f"{self.name}.started", self.started_with())
+        write_private(self.stampfile, json.dumps({"pid": proc.pid, "started": process_started(proc.pid),
+                                                  "with": self.started_with()}))
         return proc
 
     def stop(self) -> None:
-        stop_server(self.pidfile)
-        (self.home / f"{self.name}.started").unlink(missing_ok=True)
+        if pid := self.owned_pid():
+            stop_pid(pid)
+        self.pidfile.unlink(missing_ok=True)
+        self.stampfile.unlink(missing_ok=True)
 
 
 @dataclass
@@ -134,7 +167,8 @@ class SupersetServer(LocalServer):
     workers: int = 1
     threads: int = 16
     name = "superset"
-    reads_at_start = (CONFIG_PATH, CONFIG_PATH.parent / "requirements-superset.txt")
+    reads_at_start = (CONFIG_PATH, REQUIREMENTS)
+    cmdline_marker = b"superset.app:create_app()"
 
     def environ(self) -> dict[str, str]:
         s = load_or_create_secrets(self.home)
@@ -156,9 +190,10 @@ class SupersetServer(LocalServer):
             raise RuntimeError(f"{' '.join(Path(c).name for c in cmd[:3])} failed ({proc.returncode}); see {self.log}")
 
     def initialise(self) -> None:
-        """Metadata schema, roles and the service account; once per home."""
+        """Metadata schema, roles and the service account; once per home and Superset version."""
         stamp = self.home / "initialised"
-        if stamp.exists():
+        version = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
+        if stamp.exists() and stamp.read_text() == version:
             return
         superset = str(SUPERSET_VENV / "bin" / "superset")
         self._run(superset, "db", "upgrade")
@@ -167,7 +202,7 @@ class SupersetServer(LocalServer):
         self._run(str(SUPERSET_VENV / "bin" / "python"), str(CONFIG_PATH.parent / "service_account.py"),
                   env={**self.environ(), "SUPERSET_SERVICE_USER": SERVICE_USER,
                        "SUPERSET_SERVICE_PASSWORD": load_or_create_secrets(self.home)["SUPERSET_SERVICE_PASSWORD"]})
-        stamp.touch()
+        stamp.write_text(version)
 
     def start(self, timeout: float = 120) -> subprocess.Popen | None:
         """gunicorn serving Superset, in its own session; returns once /health answers."""
@@ -181,9 +216,18 @@ class SupersetServer(LocalServer):
                "superset.app:create_app()"]
         return self.spawn(cmd, self.home, timeout)
 
+def process_started(pid: int) -> str | None:
+    """When the process started (clock ticks since boot, /proc/<pid>/stat's 22nd field)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+# the shell's own variables: a server inherits them, and they do not make it stale
+SHELL_ONLY = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 # what a server inherits from the shell: not the rest (cloud credentials, tokens, a venv's paths)
-INHERITED = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PLATFORM_ENV", "LOCAL_DIR",
-             "PLATFORM_ENV_FILE")
+INHERITED = (*SHELL_ONLY, "PLATFORM_ENV", "LOCAL_DIR", "PLATFORM_ENV_FILE")
 
 
 def inherited(*prefixes: str) -> dict[str, str]:
@@ -215,12 +259,6 @@ def spawn(cmd: list[str], env: dict[str, str], cwd: Path, log: Path, pidfile: Pa
         pidfile.unlink(missing_ok=True)
         raise
     return proc
-
-
-def stop_server(pidfile: Path) -> None:
-    if pid := running_pid(pidfile):
-        stop_pid(pid)
-    pidfile.unlink(missing_ok=True)
 
 
 def stop_pid(pid: int, timeout: float = 30) -> None:
@@ -256,7 +294,9 @@ class PortalServer(LocalServer):
     superset: SupersetServer
     export_uri: str  # EXPORT_URI: a local folder or s3://bucket/prefix
     name = "portal"
-    reads_at_start = tuple(sorted((REPO_ROOT / "bi").glob("*.py")))
+    # bi/ and the platform modules it imports (settings, the export target)
+    reads_at_start = tuple(sorted([*(REPO_ROOT / "bi").glob("*.py"), *(REPO_ROOT / "platform_assets").glob("*.py")]))
+    cmdline_marker = b"-m\0bi\0serve"
 
     def environ(self) -> dict[str, str]:
         s = load_or_create_secrets(self.superset.home)

@@ -142,6 +142,7 @@ class SupersetClient:
     def ensure_portal_account(self, username: str, password: str) -> bool:
         """The portal's account: active, PORTAL_ROLE its only role, in no group (a group's roles
         count too), signing in with this password; repaired if not. Returns whether it changed."""
+        role_id = self.ensure_role(PORTAL_ROLE, PORTAL_PERMISSIONS)  # its permissions too, each time
         q = f"(filters:!((col:username,opr:eq,value:'{username}')),columns:!(id,active,roles.name,groups))"
         users = self.call("GET", "/api/v1/security/users/", params={"q": q})["result"]
         if users and users[0]["active"] and not users[0].get("groups") \
@@ -149,9 +150,9 @@ class SupersetClient:
             try:
                 SupersetClient(self.url, username, password, self.timeout).session()
                 return False
-            except SupersetError:
-                pass  # another password: set this one
-        fields = {"roles": [self.ensure_role(PORTAL_ROLE, PORTAL_PERMISSIONS)], "groups": [], "password": password,
+            except (SupersetError, requests.HTTPError):
+                pass  # another password (or a refused sign-in): set this one
+        fields = {"roles": [role_id], "groups": [], "password": password,
                   "first_name": "Customer", "last_name": "Portal", "email": f"{username}@localhost",
                   "username": username, "active": True}
         if users:

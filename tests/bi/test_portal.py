@@ -327,9 +327,15 @@ def test_the_local_portal_gets_its_own_settings_and_restarts_when_they_change(tm
     env = portal.environ()
     assert env["SUPERSET_PORTAL_USER"] == PORTAL_USER and env["SUPERSET_PUBLIC_URL"] == "https://bi.example.com"
     assert not set(shell) & env.keys() and not [v for v in env.values() if v.startswith("shell-")]
+    stranger = subprocess.Popen(["sleep", "120"])  # took the pid of a portal that crashed
     try:
+        portal.home.mkdir(parents=True)
+        portal.pidfile.write_text(str(stranger.pid))
+        assert portal.owned_pid() is None
         assert portal.start() is not None
+        assert stranger.poll() is None, "a process that is not the portal was stopped"
         pid = portal.running_pid()
+        assert pid != stranger.pid
         assert portal.start() is None and portal.running_pid() == pid  # nothing changed: left running
         monkeypatch.setenv("PORTAL_SSO_SECRET", "k" * 48)
         assert portal.start() is not None
@@ -337,7 +343,9 @@ def test_the_local_portal_gets_its_own_settings_and_restarts_when_they_change(tm
         assert requests.get(f"{portal.url}/health", timeout=30).status_code == 200
     finally:
         portal.stop()
-    assert not (portal.home / "portal.started").exists()
+        stranger.kill()
+        stranger.wait()
+    assert not portal.stampfile.exists() and not portal.pidfile.exists()
 
 
 def test_make_up_generates_the_bi_secrets_once(tmp_path):
