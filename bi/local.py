@@ -216,6 +216,7 @@ class SupersetServer(LocalServer):
                "superset.app:create_app()"]
         return self.spawn(cmd, self.home, timeout)
 
+
 def process_started(pid: int) -> str | None:
     """When the process started (clock ticks since boot, /proc/<pid>/stat's 22nd field)."""
     try:
@@ -332,7 +333,6 @@ def ensure_portal_account(superset: SupersetServer, client=None) -> bool:
 def provision(superset: SupersetServer, copy_path: Path, portal_origins: list[str]):
     """Import the dashboards against the BI copy, enable embedding; record the ids the
     portal needs in provisioned.json."""
-    import json
     from dataclasses import asdict
 
     client = service_client(superset)
