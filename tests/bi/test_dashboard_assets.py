@@ -81,6 +81,9 @@ def test_a_dashboard_is_provisioned_and_warmed_after_the_marts_it_reads_refresh(
             assert meta["rows_warmed"].value > 0, key
             stalest = min(put.instance.get_latest_materialization_event(k).timestamp for k in by_key[key].marts)
             assert meta[DATA_AS_OF].value == stalest
+            # the customer dashboard's embedding uuid (the portal's SUPERSET_EMBEDDED_UUID), kept as provisioned
+            embedded = bi_stack.provisioned.embedded.get(definition.exposure)
+            assert (meta["embedded_uuid"].value if "embedded_uuid" in meta else None) == embedded, key
             # the service account opens the dashboard at that URL
             assert bi_stack.client.session().get(meta["url"].value, timeout=60).status_code == 200
         # cached chart results were dropped: each dataset was touched by this run
