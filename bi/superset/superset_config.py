@@ -61,6 +61,14 @@ DATA_CACHE_CONFIG = (
 SCARF_ANALYTICS = False
 # Many concurrent embedded viewers share one service: keep the login limit for people.
 RATELIMIT_ENABLED = os.environ.get("SUPERSET_RATELIMIT", "true") == "true"
+RATELIMIT_APPLICATION = os.environ.get("SUPERSET_RATE_LIMIT", "50 per second")  # per client address
+# Behind a load balancer every request comes from its address, so all customers would share
+# one budget of the limit above. SUPERSET_PROXY_HOPS=<the proxies in front> (production's ALB:
+# 1) takes the client's address from the X-Forwarded-For they append. Never without a proxy:
+# a client could then name any address.
+_PROXY_HOPS = int(os.environ.get("SUPERSET_PROXY_HOPS", "0"))
+ENABLE_PROXY_FIX = _PROXY_HOPS > 0
+PROXY_FIX_CONFIG = {"x_for": _PROXY_HOPS, "x_proto": _PROXY_HOPS, "x_host": 0, "x_port": 0, "x_prefix": 0}
 
 # The portal (another origin) frames the embedded dashboard: Superset's default
 # X-Frame-Options SAMEORIGIN would refuse it, so the CSP names the portal instead.

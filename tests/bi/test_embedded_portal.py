@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
 import time
 from urllib.parse import urlsplit
 
@@ -320,3 +321,33 @@ def test_secrets_stay_in_their_0600_file(bi_stack):
         data = path.read_bytes()
         for value in [*values.values(), *passwords]:
             assert value.encode() not in data, path.name
+
+
+_RATE_LIMITED = """
+import json, sys
+from superset.app import create_app
+client = create_app().test_client()
+statuses = [client.get("/api/v1/security/csrf_token/", headers={"X-Forwarded-For": a}).status_code
+            for a in sys.argv[1:]]
+print(json.dumps(statuses))
+"""
+
+
+def test_superset_limits_each_client_behind_the_load_balancer_and_believes_no_header_without(bi_stack):
+    """Production's Superset sits behind an ALB (SUPERSET_PROXY_HOPS=1): the rate limit counts
+    per client address from X-Forwarded-For, not one budget for all. Without a proxy the header
+    is not believed, so a limited client cannot escape by naming another address."""
+    from bi.local import SUPERSET_VENV
+
+    addresses = ["10.0.0.1"] * 4 + ["10.0.0.2"]
+
+    def statuses(hops: int) -> list[int]:
+        env = {**bi_stack.superset.environ(), "SUPERSET_PROXY_HOPS": str(hops), "SUPERSET_RATE_LIMIT": "3 per hour"}
+        run = subprocess.run([str(SUPERSET_VENV / "bin" / "python"), "-c", _RATE_LIMITED, *addresses], env=env,
+                             cwd=bi_stack.superset.home, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    behind, direct = statuses(1), statuses(0)
+    assert behind == [401, 401, 401, 429, 401], behind  # unsigned: 401, until the fourth of one address
+    assert direct == [401, 401, 401, 429, 429], direct
