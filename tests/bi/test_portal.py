@@ -5,8 +5,6 @@ streamed, not held in memory."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import http.client
 import json
 import multiprocessing
@@ -30,6 +28,7 @@ from platform_assets.export_writers import ExportTarget, duckdb_exporter, relati
 
 from ..conftest import free_port
 from ..platform.test_exports import AS_OF, MANIFEST, _company_ids, build_warehouse
+from .secrets_race import another_process_makes_secrets, read_or_make_secrets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SSO_SECRET = "sso-" + "k" * 40
@@ -378,24 +377,6 @@ def test_make_up_generates_the_bi_secrets_once(tmp_path):
     assert "@$(PY) -m localenv up && $(PY) -m bi secrets" in makefile
 
 
-def _secrets(env: dict[str, str], ready, out) -> None:
-    from bi.local import load_or_create_secrets
-
-    ready.put(os.getpid())
-    superset = load_or_create_secrets(Path(env["LOCAL_DIR"]) / "bi")
-    out.put((superset, portal_environ(env)["PORTAL_SESSION_SECRET"]))
-
-
-def _another_process_makes_secrets(tmp_path: Path, superset: dict[str, str], locked, go) -> None:
-    with contextlib.ExitStack() as stack:
-        for folder in (tmp_path / "bi", tmp_path / "portal"):
-            fcntl.flock(stack.enter_context(open(folder / ".secrets.lock", "a")), fcntl.LOCK_EX)
-        locked.set()
-        go.wait(120)
-        (tmp_path / "bi" / "secrets.env").write_text("".join(f"{k}={v}\n" for k, v in superset.items()))
-        (tmp_path / "portal" / "secrets.json").write_text(json.dumps({"session_secret": "made-by-another"}))
-
-
 def test_processes_that_find_no_secrets_at_once_keep_one_set(tmp_path):
     """Processes that find no secrets at the same moment (`make up` beside `make bi`) end with the
     set the files keep, not keys of their own: each reads, and creates only what is missing,
@@ -408,11 +389,12 @@ def test_processes_that_find_no_secrets_at_once_keep_one_set(tmp_path):
     superset = {name: f"{name.lower()}-made-by-another" for name in SECRET_NAMES}
     (tmp_path / "bi").mkdir()
     (tmp_path / "portal").mkdir()
-    context = multiprocessing.get_context("fork")
+    # spawn, not fork: an xdist worker has threads of its own, and a fork can copy a lock one holds
+    context = multiprocessing.get_context("spawn")
     locked, go, ready, out = context.Event(), context.Event(), context.Queue(), context.Queue()
-    holder = context.Process(target=_another_process_makes_secrets, args=(tmp_path, superset, locked, go),
+    holder = context.Process(target=another_process_makes_secrets, args=(tmp_path, superset, locked, go),
                              daemon=True)
-    workers = [context.Process(target=_secrets, args=(env, ready, out), daemon=True) for _ in range(6)]
+    workers = [context.Process(target=read_or_make_secrets, args=(env, ready, out), daemon=True) for _ in range(6)]
     try:
         holder.start()
         assert locked.wait(60)
