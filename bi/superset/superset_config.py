@@ -9,6 +9,8 @@ import os
 import re
 import uuid
 
+from limits import parse_many
+
 SECRET_KEY = os.environ["SUPERSET_SECRET_KEY"]
 GUEST_TOKEN_JWT_SECRET = os.environ["SUPERSET_GUEST_TOKEN_JWT_SECRET"]
 # The metadata database: SQLite under .local/bi locally, PostgreSQL in production.
@@ -61,14 +63,25 @@ DATA_CACHE_CONFIG = (
 SCARF_ANALYTICS = False
 # Many concurrent embedded viewers share one service: keep the login limit for people.
 RATELIMIT_ENABLED = os.environ.get("SUPERSET_RATELIMIT", "true") == "true"
-RATELIMIT_APPLICATION = os.environ.get("SUPERSET_RATE_LIMIT", "50 per second")  # per client address
-# Behind a load balancer every request comes from its address, so all customers would share
+# Requests per client address, counted in each gunicorn worker process (a shared store,
+# RATELIMIT_STORAGE_URI, would make it one count per service).
+RATELIMIT_APPLICATION = os.environ.get("SUPERSET_RATELIMIT_APPLICATION", "50 per second")
+try:  # Flask-Limiter parses it at the first request, and would then fail every request
+    parse_many(RATELIMIT_APPLICATION)
+except ValueError:
+    raise ValueError(f"SUPERSET_RATELIMIT_APPLICATION={RATELIMIT_APPLICATION!r} is not a rate limit "
+                     "such as '50 per second'") from None
+# Behind a load balancer every request comes from its address, so all clients would share
 # one budget of the limit above. SUPERSET_PROXY_HOPS=<the proxies in front> (production's ALB:
 # 1) takes the client's address from the X-Forwarded-For they append. Never without a proxy:
 # a client could then name any address.
-_PROXY_HOPS = int(os.environ.get("SUPERSET_PROXY_HOPS", "0"))
-ENABLE_PROXY_FIX = _PROXY_HOPS > 0
-PROXY_FIX_CONFIG = {"x_for": _PROXY_HOPS, "x_proto": _PROXY_HOPS, "x_host": 0, "x_port": 0, "x_prefix": 0}
+_PROXY_HOPS = os.environ.get("SUPERSET_PROXY_HOPS", "0")
+if not _PROXY_HOPS.isdigit():
+    raise ValueError(f"SUPERSET_PROXY_HOPS={_PROXY_HOPS!r} must be the number of proxies in front (0: none)")
+ENABLE_PROXY_FIX = int(_PROXY_HOPS) > 0
+# the scheme from the proxy next to Superset, the one that ends TLS
+PROXY_FIX_CONFIG = {"x_for": int(_PROXY_HOPS), "x_proto": 1 if ENABLE_PROXY_FIX else 0, "x_host": 0, "x_port": 0,
+                    "x_prefix": 0}
 
 # The portal (another origin) frames the embedded dashboard: Superset's default
 # X-Frame-Options SAMEORIGIN would refuse it, so the CSP names the portal instead.

@@ -72,6 +72,7 @@ def test_a_dashboard_is_provisioned_and_warmed_after_the_marts_it_reads_refresh(
         assert result.success
         events = {e.asset_key: e.materialization for e in result.get_asset_materialization_events()}
         assert set(events) == keys
+        assert set(bi_stack.provisioned.embedded) == {d.exposure for d in dashboards.DASHBOARDS if d.embedded}
         for key, event in events.items():
             definition = dashboards.by_exposure()[key.path[-1]]
             meta = event.metadata

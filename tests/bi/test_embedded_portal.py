@@ -215,7 +215,7 @@ def test_the_portal_account_asks_for_one_company_tokens_and_nothing_else(bi_stac
         [], [str(bi_stack.provisioned.dashboards[mrr.exposure])], [mrr.slug], [mrr.uuid], [CUSTOMER.uuid],
         [CUSTOMER.slug], [embedded, mrr.uuid], ["00000000-0000-0000-0000-000000000000"])]
     def paced(client: SupersetClient, method: str, path: str, **kwargs) -> requests.Response:
-        # Superset allows 50 requests a second from one address (RATELIMIT_APPLICATION)
+        # Superset allows 50 requests a second from one address (per worker process)
         for _ in range(10):
             r = client.session().request(method, f"{url}{path}", allow_redirects=False, timeout=30, **kwargs)
             if r.status_code != 429:
@@ -335,19 +335,29 @@ print(json.dumps(statuses))
 
 def test_superset_limits_each_client_behind_the_load_balancer_and_believes_no_header_without(bi_stack):
     """Production's Superset sits behind an ALB (SUPERSET_PROXY_HOPS=1): the rate limit counts
-    per client address from X-Forwarded-For, not one budget for all. Without a proxy the header
-    is not believed, so a limited client cannot escape by naming another address."""
+    per client address, the one the ALB appends to X-Forwarded-For, not one budget for all; an
+    address the client wrote in front of it counts for nothing. Without a proxy the header is
+    not believed, so a limited client cannot escape by naming another address. Bad values of
+    either setting stop Superset at start, named."""
     from bi.local import SUPERSET_VENV
 
-    addresses = ["10.0.0.1"] * 4 + ["10.0.0.2"]
+    # three from 10.0.0.1, a fourth that claims 10.0.0.9 before the ALB's 10.0.0.1, one from 10.0.0.2
+    addresses = ["10.0.0.1"] * 3 + ["10.0.0.9, 10.0.0.1", "10.0.0.2"]
 
-    def statuses(hops: int) -> list[int]:
-        env = {**bi_stack.superset.environ(), "SUPERSET_PROXY_HOPS": str(hops), "SUPERSET_RATE_LIMIT": "3 per hour"}
-        run = subprocess.run([str(SUPERSET_VENV / "bin" / "python"), "-c", _RATE_LIMITED, *addresses], env=env,
-                             cwd=bi_stack.superset.home, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        return json.loads(run.stdout.strip().splitlines()[-1])
+    def run(**settings: str) -> subprocess.CompletedProcess:
+        env = {**bi_stack.superset.environ(), "SUPERSET_RATELIMIT": "true",
+               "SUPERSET_RATELIMIT_APPLICATION": "3 per hour", **settings}
+        return subprocess.run([str(SUPERSET_VENV / "bin" / "python"), "-c", _RATE_LIMITED, *addresses], env=env,
+                              cwd=bi_stack.superset.home, capture_output=True, text=True, timeout=300)
 
-    behind, direct = statuses(1), statuses(0)
-    assert behind == [401, 401, 401, 429, 401], behind  # unsigned: 401, until the fourth of one address
-    assert direct == [401, 401, 401, 429, 429], direct
+    def statuses(hops: str) -> list[int]:
+        done = run(SUPERSET_PROXY_HOPS=hops)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    # unsigned requests: 401, until the fourth of one address
+    assert statuses("1") == [401, 401, 401, 429, 401]
+    assert statuses("0") == [401, 401, 401, 429, 429]
+    for setting, value in (("SUPERSET_PROXY_HOPS", "-1"), ("SUPERSET_RATELIMIT_APPLICATION", "fifty a second")):
+        done = run(**{setting: value})
+        assert done.returncode != 0 and f"{setting}={value!r}" in done.stderr, done.stderr[-2000:]
