@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def wait_http(url: str, proc: subprocess.Popen | None, log: Path | None, timeout
     raise RuntimeError(f"{url} did not answer 200 within {timeout:.0f}s")
 
 
-class LocalServer:
+class LocalServer(ABC):
     """A server in the background on 127.0.0.1:`port`, its log and pid file in `home`."""
 
     name: str  # the log's and the pid file's name
@@ -89,8 +90,9 @@ class LocalServer:
     reads_at_start: tuple[Path, ...] = ()
     cmdline_marker: bytes  # in the command line of this server's process (/proc/<pid>/cmdline)
 
+    @abstractmethod
     def environ(self) -> dict[str, str]:
-        raise NotImplementedError
+        """The process's whole environment (what start() hands it)."""
 
     def running_pid(self) -> int | None:
         return running_pid(self.pidfile)

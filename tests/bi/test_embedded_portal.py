@@ -214,6 +214,7 @@ def test_the_portal_account_asks_for_one_company_tokens_and_nothing_else(bi_stac
     refused += [(ids, one) for ids in (
         [], [str(bi_stack.provisioned.dashboards[mrr.exposure])], [mrr.slug], [mrr.uuid], [CUSTOMER.uuid],
         [CUSTOMER.slug], [embedded, mrr.uuid], ["00000000-0000-0000-0000-000000000000"])]
+
     def paced(client: SupersetClient, method: str, path: str, **kwargs) -> requests.Response:
         # Superset allows 50 requests a second from one address (per worker process)
         for _ in range(10):
